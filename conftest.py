@@ -1,0 +1,45 @@
+"""Fixtures shared by the test files: a tiny random-weight Qwen2.5-VL and a few image pairs."""
+import argparse
+import json
+import os
+
+import matplotlib
+import pytest
+from PIL import Image, ImageDraw
+
+import make_tiny_model
+
+GRACE_HOPPER = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny Qwen2.5-VL folder, built with the project's own script (same defaults as its CLI)."""
+    out = str(tmp_path_factory.mktemp("model") / "tiny-vlm")
+    defaults = {"out": out, "hidden": 64, "layers": 2, "heads": 4, "vision_hidden": 32, "vision_depth": 2,
+                "vocab_size": 512, "min_pixels": 28 * 28, "max_pixels": 56 * 56, "init_range": 0.06, "seed": 0}
+    make_tiny_model.build(argparse.Namespace(**defaults))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory):
+    """Twenty pairs in make_games.py's layout: crops of a real photo, the modified one with a
+    coloured square painted in, in two sizes so that batches mix image shapes."""
+    root = tmp_path_factory.mktemp("pairs")
+    os.makedirs(root / "images")
+    photo = Image.open(GRACE_HOPPER).convert("RGB")
+    with open(root / "pairs.jsonl", "w") as f:
+        for i in range(20):
+            size = (96, 64) if i % 2 else (64, 80)
+            original = photo.crop((i * 9, i * 7, i * 9 + 4 * size[0], i * 7 + 4 * size[1])).resize(size)
+            modified = original.copy()
+            box = [8 + i, 8, 24 + i, 24]
+            ImageDraw.Draw(modified).rectangle(box, fill=("red", "blue", "yellow")[i % 3])
+            pid = f"{i:06d}"
+            original.save(root / "images" / f"{pid}_original.png")
+            modified.save(root / "images" / f"{pid}_modified.png")
+            f.write(json.dumps({"id": pid, "domain": "photo", "original": f"images/{pid}_original.png",
+                                "modified": f"images/{pid}_modified.png",
+                                "changes": [{"what": "painted square", "bbox": box}]}) + "\n")
+    return str(root)

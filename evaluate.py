@@ -1,0 +1,92 @@
+"""
+evaluate.py: the trained model against the frozen initial model, on held-out games (paper Sec. 4.4).
+
+Half of the games seat the trained model as the civilians and the reference as the spy, the other
+half the other way round. The civilians' side also decides (its judge, or its civilians' votes)
+and wins when the spy's seat gets the most votes; the spy's side wins otherwise. The pairs come
+from the held-out split of the data folder (read_pairs(..., "eval"): never used in training).
+
+    python evaluate.py --out runs/demo                 # model, data and game flags from the run
+    python evaluate.py --out runs/demo --games 100 --data games/clevr
+
+Writes OUT/eval.json: games, win_rate (of the trained model; 0.5 = no better than the start),
+the win rate on each side, the decision accuracy and N/A rate of each model when it decides.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+from tqdm import tqdm
+
+import selfplay
+import trainer
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="run folder of a training run (its latest checkpoint is evaluated)")
+    p.add_argument("--data", help="pairs folder (default: the run's); only its held-out split is played")
+    p.add_argument("--games", type=int, default=100, help="games to play, half with the trained model as the civilians")
+    p.add_argument("--batch", type=int, default=16, help="games played together in one batch")
+    p.add_argument("--seed", type=int, default=1234, help="seed of pairs, spy seats and sampling")
+    p.add_argument("--max-new-tokens", type=int, help="override the run's longest completion")
+    args = p.parse_args()
+    if args.games < 2 or args.batch < 1:
+        p.error("--games must be at least 2 (one game per side) and --batch at least 1")
+    checkpoint = trainer.latest_checkpoint(args.out)
+    config_path = os.path.join(args.out, "config.json")
+    if checkpoint is None or not os.path.exists(config_path):
+        sys.exit(f"error: {args.out} holds no trained checkpoint; train first with `bash run.sh`")
+    with open(config_path) as f:
+        cfg = argparse.Namespace(**json.load(f))
+    cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
+    cfg.data = args.data or cfg.data
+    cfg.max_new_tokens = args.max_new_tokens or cfg.max_new_tokens
+    cfg.gradient_checkpointing = False
+    pairs = selfplay.read_pairs(cfg.data, "eval")
+    if not pairs:
+        sys.exit(f"error: no held-out pairs in {cfg.data} (about 10% of the ids are held out); make more pairs")
+
+    trained, processor = trainer.build_policy(cfg, checkpoint)
+    reference = trainer.reference_policy(trained, cfg)
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    order = [pairs[k % len(pairs)] for k in range(args.games)]
+    trained_civilians = [k % 2 == 0 for k in range(args.games)]  # alternate sides: half and half
+    spy_seats = [rng.randrange(cfg.players) for _ in order]
+    games = []
+    for start in tqdm(range(0, args.games, args.batch), desc="evaluate", unit="batch"):
+        sides = [(trained, reference) if t else (reference, trained) for t in trained_civilians[start:start + args.batch]]
+        played, _ = selfplay.play_games(order[start:start + args.batch], spy_seats[start:start + args.batch],
+                                        sides, processor, cfg)
+        games += played
+
+    as_civilians = [g for g, t in zip(games, trained_civilians) if t]
+    as_spy = [g for g, t in zip(games, trained_civilians) if not t]
+    civilian_wins = sum(g.spy_found(cfg.players) for g in as_civilians)
+    spy_wins = sum(not g.spy_found(cfg.players) for g in as_spy)
+    trained_stats, reference_stats = selfplay.decision_stats(as_civilians), selfplay.decision_stats(as_spy)
+    result = {
+        "games": len(games), "win_rate": (civilian_wins + spy_wins) / len(games),
+        "win_rate_civilian_side": civilian_wins / len(as_civilians), "win_rate_spy_side": spy_wins / len(as_spy),
+        "decision_acc": trained_stats["acc"], "decision_acc_reference": reference_stats["acc"],
+        "na_rate": trained_stats["na"], "na_rate_reference": reference_stats["na"],
+        "invalid_vote_rate": trained_stats["invalid_vote_rate"],
+        "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
+        "seed": args.seed,
+    }
+    trainer.write_json_atomic(os.path.join(args.out, "eval.json"), result)
+    with open(os.path.join(args.out, "eval_games.jsonl"), "w") as f:
+        for game, t in zip(games, trained_civilians):
+            f.write(json.dumps(selfplay.game_record(game, cfg, trained_side="civilians" if t else "spy")) + "\n")
+    print(f"win rate {result['win_rate']:.3f} over {len(games)} held-out games "
+          f"(as civilians {result['win_rate_civilian_side']:.3f}, as spy {result['win_rate_spy_side']:.3f}); "
+          f"decision accuracy {result['decision_acc']:.3f} vs reference {result['decision_acc_reference']:.3f}; "
+          f"written to {os.path.join(args.out, 'eval.json')}")
+
+
+if __name__ == "__main__":
+    main()

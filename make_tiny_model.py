@@ -1,0 +1,150 @@
+"""
+make_tiny_model.py: build a tiny random-weight Qwen2.5-VL and save it as a normal model folder.
+
+No machine here reaches a model hub, so CPU runs and tests use a model this script makes: the real
+Qwen2.5-VL architecture (vision tower with window attention and patch merger, 3-D rotary text
+model), a few hundred thousand parameters, random weights, and its own byte-level BPE tokenizer
+trained on the game's prompts. It is saved with `save_pretrained` and loaded back by the same
+`AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` calls that load
+Qwen/Qwen2.5-VL-7B-Instruct, so everything downstream runs unchanged.
+
+    python make_tiny_model.py --out tiny-vlm            # 0.2M parameters, builds in a second
+    python make_tiny_model.py --out tiny-vlm --hidden 192 --layers 3 --heads 4
+
+Images cost 1-4 visual tokens at the default --max-pixels (28*28 .. 56*56 pixels after resizing).
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AddedToken, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
+
+import selfplay
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2's pre-tokenizer: words, single digits, punctuation runs, whitespace
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The same structure as Qwen2.5-VL's template, reduced to what the game sends: text and images
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Words of clues and decisions, so that the tokenizer has them as single tokens
+CLUE_WORDS = (
+    "a an the is are there one two three four five six left right front back middle center top bottom "
+    "large small big tiny shiny matte metal rubber metallic gray red blue green brown purple cyan yellow "
+    "white black orange pink cube cubes sphere spheres ball cylinder cylinders object objects block "
+    "bar bars line lines pie slice chart value values highest lowest tallest shortest year month "
+    "quarter sales share percent photo person sky table cup tree car building I think player spy "
+    "civilian clue vote because my picture shows see near next to behind beside of and with in on"
+)
+
+
+def train_tokenizer(vocab_size):
+    """A byte-level BPE trained on the game's own prompts and clue words (Qwen2's split rules)."""
+    corpus = [CLUE_WORDS] * 20
+    for domain in selfplay.DOMAIN_RULES:
+        for spy_image in ("modified", "blank"):
+            corpus.append(selfplay.game_rules(4, domain, spy_image))
+        corpus.append(selfplay.CLUE_FORMAT.format(example=selfplay.CLUE_EXAMPLES[domain]))
+    corpus += [selfplay.CIVILIAN_TASK, selfplay.SPY_TASK, selfplay.JUDGE_TASK,
+               selfplay.VOTER_TASK.format(seat=1), selfplay.VOTE_FORMAT.format(),
+               "Clues so far:\nRound 1: Player 1: \"\" Player 2: \"\"\nYour private notes from earlier rounds:\n"
+               "This is round 1 of 2. All clues: (no clues yet) \\boxed{N/A} \\boxed{1}"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()  # without it decoding shows "Ġ" for spaces
+    bpe.train_from_iterator(corpus * 5, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # special=True, normalized=False: otherwise transformers 5.x splits them into bytes
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    return tokenizer
+
+
+def build(args):
+    Processor = selfplay.register_image_only_processor()
+    try:  # transformers 5.x: the PIL image processor (the default one needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:  # 4.x: the plain class is the PIL one
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+    tokenizer = train_tokenizer(args.vocab_size)
+    image_processor = ImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                     patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+    token = tokenizer.convert_tokens_to_ids
+    head_dim = args.hidden // args.heads
+    # mrope_section splits head_dim/2 rotary frequencies over (time, height, width), as 16:24:24 in the 7B
+    t = head_dim // 2 // 4
+    mrope = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=max(1, args.heads // 2), intermediate_size=args.hidden * 3,
+            vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "mrope_section": mrope}, initializer_range=args.init_range,
+            bos_token_id=token("<|endoftext|>"), eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>")),
+        vision_config=dict(
+            depth=args.vision_depth, hidden_size=args.vision_hidden, num_heads=2,
+            intermediate_size=args.vision_hidden * 2, out_hidden_size=args.hidden, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+            fullatt_block_indexes=[args.vision_depth - 1], initializer_range=args.init_range),
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True, initializer_range=args.init_range, bos_token_id=token("<|endoftext|>"))
+    torch.manual_seed(args.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [token("<|im_end|>"), token("<|endoftext|>")]
+    model.generation_config.pad_token_id = token("<|endoftext|>")
+
+    # write next to the target and rename: a half-written model folder never exists
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".tiny-")
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    with open(os.path.join(staging, "tiny_model_args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    os.replace(staging, args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, saved to {args.out}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="tiny-vlm", help="folder to write the model, its tokenizer and processor to")
+    parser.add_argument("--hidden", type=int, default=64, help="text hidden size (divisible by 8 * heads)")
+    parser.add_argument("--layers", type=int, default=2, help="text decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="text attention heads (kv heads are half)")
+    parser.add_argument("--vision-hidden", type=int, default=32, help="vision tower width (divisible by 8)")
+    parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks; the last uses full attention")
+    parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size, special tokens included")
+    parser.add_argument("--min-pixels", type=int, default=28 * 28, help="images are resized to at least this many pixels")
+    parser.add_argument("--max-pixels", type=int, default=56 * 56, help="and at most this many (56*56 = 4 visual tokens)")
+    parser.add_argument("--init-range", type=float, default=0.06,
+                        help="weight init std; 0.02 (transformers' default) leaves a tiny model image-blind for minutes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    if args.hidden % (8 * args.heads) or args.vision_hidden % 8:
+        parser.error("--hidden must be divisible by 8 * --heads and --vision-hidden by 8 (rotary sections)")
+    build(args)
+
+
+if __name__ == "__main__":
+    main()

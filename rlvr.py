@@ -1,0 +1,70 @@
+"""
+rlvr.py: the decision stage of Vision-Zero, RL with verifiable rewards (paper Sec. 3.3).
+
+Every iteration plays a batch of full games (selfplay.py) and trains the shared policy on the
+decision samples only: the judge's G samples per game (default) or the civilians' votes. Whether
+a vote names the spy is verifiable from the game itself: no label from outside.
+
+  Eq. 4  decision reward: +1 for the spy's seat, -0.5 for N/A, -1 for a wrong seat or an
+         unparsable answer. (--decision-reward shaped: the released code's
+         0.3 (2 fmt - 1) + 1.2 acc + 0.99 [acc > 0], fmt = reasoning before the box and a
+         non-empty answer.)
+  Eq. 5  group advantages: A_i = (r_i - mean) / (std + 1e-8) over one game's samples (population
+         std); a group whose rewards are all equal gets zero advantages.
+  Eq. 6  the clipped surrogate + k3 KL loss on the decision tokens: trainer.policy_loss.
+
+Run it through Iterative-SPO (`bash run.sh`), or alone for the RLVR-only ablation:
+
+    python rlvr.py --model tiny-vlm --data games/clevr --out runs/decision --schedule decision --iterations 20
+
+It trains until trainer.py's switching rule hands over to the clue stage (spo.py) or the
+iteration budget is spent, saves everything to --out, and exits.
+"""
+import selfplay
+
+
+def decision_reward(vote, spy):
+    """Eq. 4: vote is a 0-based seat, "N/A" or None (invalid)."""
+    if vote == "N/A":
+        return -0.5
+    return 1.0 if vote == spy else -1.0
+
+
+def shaped_decision_reward(turn, spy):
+    """The released code's reward: format and accuracy terms plus a bonus for being right."""
+    accuracy = float(turn.parsed == spy)
+    answer = selfplay.first_boxed(turn.text)
+    well_formed = float(bool(answer and answer.strip()) and len(turn.reasoning.split()) >= 3)
+    return 0.3 * (2 * well_formed - 1) + 1.2 * accuracy + 0.99 * (accuracy > 0)
+
+
+def group_advantages(rewards):
+    """Eq. 5: rewards standardised within one group."""
+    mean = sum(rewards) / len(rewards)
+    std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+    return [(r - mean) / (std + 1e-8) for r in rewards]
+
+
+def score_decisions(games, cfg):
+    """Eq. 4 (or the shaped reward) for every decision sample: sets turn.reward."""
+    for game in games:
+        for turn in game.decisions:
+            turn.reward = (shaped_decision_reward(turn, game.spy) if cfg.decision_reward == "shaped"
+                           else decision_reward(turn.parsed, game.spy))
+
+
+def decision_samples(games, cfg):
+    """The decision stage's training batch: every decision sample with its advantage within its
+    game's group (Eq. 5). Sets turn.advantage."""
+    turns, advantages = [], []
+    for game in games:
+        for turn, advantage in zip(game.decisions, group_advantages([t.reward for t in game.decisions])):
+            turn.advantage = advantage
+            turns.append(turn)
+            advantages.append(advantage)
+    return turns, advantages
+
+
+if __name__ == "__main__":
+    import trainer
+    trainer.main("decision")

@@ -1,0 +1,495 @@
+"""
+selfplay.py: play batches of "Who is the spy?" with pictures, using one vision-language model.
+
+This is the game of Vision-Zero (Wang et al., arXiv 2509.25541, Sec. 3.1). N players (default 4)
+sit in seats 1..N; one of them, at a uniformly random seat, is the spy. Civilians see the original
+image of a pair, the spy its edited copy (or, with --spy-image blank, an empty picture). Each
+player knows its own role, not the others'.
+
+  clue stage      R rounds (default 2); in each round the seats speak in order 1..N. A speaker
+                  sees its image, its role, the rules, every earlier clue (text only) and its own
+                  earlier private reasoning, thinks, and gives one sentence inside \\boxed{}.
+  decision stage  `judge` (default, the released code): a neutral judge sees the ORIGINAL image
+                  and all clues and is sampled G times (default 8); each sample answers \\boxed{k}
+                  or \\boxed{N/A}. `civilians` (the paper's main text): every civilian votes.
+
+All games of a batch advance together: each clue turn (round r, seat p) is ONE batched generate
+call over all games, and the decision stage is one call over all games x G samples. Every turn
+is recorded (prompt, image, the sampled token ids, the parsed clue or vote), so that spo.py and
+rlvr.py can train on exactly the tokens that were sampled.
+
+Seats are 0-based in code and 1-based in every text a model or a person reads.
+
+This file is also the home of what every script needs to talk to a model: loading (with or
+without torchvision, with or without LoRA) and the per-token log-probabilities of a completion.
+It has no command of its own: run `bash run.sh`, `python spo.py`, `python rlvr.py` or
+`python evaluate.py`.
+"""
+import json
+import os
+import re
+import sys
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# Prompts (method.md section 1, in our own words)
+
+GAME_INTRO = (
+    'You are playing "Who is the spy?" with {n} players, seated 1 to {n}. Every player sees a '
+    "picture. The civilians all see the same picture; the spy sees a slightly different one. "
+)
+DOMAIN_RULES = {
+    "clevr": "The spy's picture shows the same 3-D scene, except that two objects were replaced "
+    "by objects of another shape and colour, standing in the same places.",
+    "chart": "The spy's chart is the same chart, except that two of its values or attributes "
+    "were swapped.",
+    "photo": "The spy's photo is the same photo, except that some objects or parts of the "
+    "scene differ.",
+}
+BLANK_RULE = "The spy sees only an empty picture and must guess the scene from the clues."
+CLUE_EXAMPLES = {
+    "clevr": "\\boxed{A large shiny red cylinder stands at the back on the left.}",
+    "chart": "\\boxed{The tallest bar belongs to the third quarter.}",
+    "photo": "\\boxed{A white cup sits on the left side of the table.}",
+}
+CIVILIAN_TASK = (
+    "You are a civilian. Give one specific, true feature of your picture that no earlier clue "
+    "has mentioned, so that the other civilians can recognise you and the spy stands out."
+)
+SPY_TASK = (
+    "You are the spy. Your picture differs from the others' in a way you do not know. Blend "
+    "in: describe something the pictures most likely share, stay vague where they might "
+    "differ, and never reveal what only your picture might show."
+)
+CLUE_FORMAT = (
+    "Think it over privately, then give your clue as one sentence inside \\boxed{{}}, "
+    "for example {example}"
+)
+JUDGE_TASK = (
+    "You are the judge. You see the civilians' picture. Read the clues and decide which "
+    "player is the spy: the one whose clues do not fit your picture."
+)
+VOTER_TASK = (
+    "The clue stage is over. You are Player {seat}, a civilian, and you see the civilians' "
+    "picture. Decide which other player is the spy: the one whose clues do not fit your picture."
+)
+VOTE_FORMAT = (
+    "Reason briefly, then answer with the spy's seat number inside \\boxed{{}}, for example "
+    "\\boxed{{2}}, or \\boxed{{N/A}} if you cannot tell."
+)
+ROLE_NAMES = ("civilian", "spy")
+
+
+def game_rules(n_players, domain, spy_image):
+    """The rules every player and the judge read."""
+    rules = DOMAIN_RULES[domain] + (" " + BLANK_RULE if spy_image == "blank" else "")
+    return GAME_INTRO.format(n=n_players) + rules
+
+
+def clue_history(clues):
+    """Earlier clues, grouped by round, text only (nobody sees another player's reasoning)."""
+    lines = []
+    for r in sorted({c.round for c in clues}):
+        said = [f'Player {c.seat + 1}: "{c.parsed or ""}"' for c in clues if c.round == r]
+        lines.append(f"Round {r + 1}: " + " ".join(said))
+    return "\n".join(lines) if lines else "(no clues yet)"
+
+
+def clue_prompt(game, seat, round_, cfg):
+    """The text a player reads before its clue turn (round_ and seat are 0-based)."""
+    is_spy = seat == game.spy
+    own_notes = [c.reasoning for c in game.clues if c.seat == seat and c.reasoning]
+    parts = [
+        game_rules(cfg.players, game.domain, cfg.spy_image),
+        f"You are Player {seat + 1}. " + (SPY_TASK if is_spy else CIVILIAN_TASK),
+        "Clues so far:\n" + clue_history(game.clues),
+    ]
+    if own_notes:
+        parts.append("Your private notes from earlier rounds:\n" + "\n".join(own_notes))
+    parts.append(f"This is round {round_ + 1} of {cfg.rounds}. "
+                 + CLUE_FORMAT.format(example=CLUE_EXAMPLES[game.domain]))
+    return "\n\n".join(parts)
+
+
+def decision_prompt(game, voter, cfg):
+    """The text the judge (voter None) or a voting civilian (voter = its seat) reads."""
+    task = JUDGE_TASK if voter is None else VOTER_TASK.format(seat=voter + 1)
+    return "\n\n".join([game_rules(cfg.players, game.domain, cfg.spy_image), task,
+                        "All clues:\n" + clue_history(game.clues), VOTE_FORMAT])
+
+
+def chat(processor, text):
+    """One user message holding the image then the text, formatted by the model's chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# -----------------------------------------------------------------------------
+# Parsing model output: never raises; None means the output broke the format
+
+
+def first_boxed(text):
+    """Content of the first \\boxed{...}, braces balanced; None if there is none or it never closes."""
+    start = text.find("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def parse_clue(text):
+    """The clue of a clue turn: the stripped content of the first \\boxed{}; None if absent or empty."""
+    content = first_boxed(text)
+    content = content.strip() if content is not None else None
+    return content or None
+
+
+def parse_vote(text, n_players):
+    """A vote: 0-based seat, "N/A" (abstention), or None (invalid), read from the first \\boxed{}."""
+    content = first_boxed(text)
+    if content is None:
+        return None
+    if re.fullmatch(r"\s*(n\s*/\s*a|na)\s*\.?\s*", content, flags=re.IGNORECASE):
+        return "N/A"
+    number = re.search(r"(?<![0-9.\-])[0-9]+(?![0-9.])", content)  # first standalone integer: not 2.5, not -1
+    if number is None or not 1 <= int(number.group()) <= n_players:
+        return None
+    return int(number.group()) - 1
+
+
+# -----------------------------------------------------------------------------
+# Game records
+
+
+@dataclass
+class Turn:
+    """One sampled completion: a clue turn (seat, round >= 0) or a decision sample (round -1)."""
+    seat: int  # the speaker; -1 for the judge
+    round: int
+    prompt: str
+    image: Image.Image
+    completion_ids: list = field(default_factory=list)
+    text: str = ""
+    parsed: object = None  # clue text, or vote (0-based seat / "N/A" / None)
+    reward: float = None  # decision samples: Eq. 4, set by rlvr.score_decisions
+    advantage: float = None  # decision samples: Eq. 5, set when the decision stage trains on it
+
+    @property
+    def reasoning(self):
+        """The private part of a clue turn: everything before the box."""
+        cut = self.text.find("\\boxed{")
+        return (self.text if cut < 0 else self.text[:cut]).strip()
+
+
+@dataclass
+class Game:
+    pair: dict
+    spy: int  # 0-based seat
+    clues: list = field(default_factory=list)  # Turns in speaking order
+    decisions: list = field(default_factory=list)  # Turns of the judge's samples or voters
+    rewards: list = None  # per seat: Eq. 1, set by spo.score_clues
+    advantages: list = None  # per seat: Eq. 2, set when the clue stage trains on the game
+
+    @property
+    def domain(self):
+        return self.pair["domain"]
+
+    def votes(self, n_players):
+        """v_k of Eq. 1: how many decision samples name seat k (N/A and invalid are not counted)."""
+        counts = [0] * n_players
+        for d in self.decisions:
+            if isinstance(d.parsed, int):
+                counts[d.parsed] += 1
+        return counts
+
+    def spy_found(self, n_players):
+        """The civilians win when the spy's seat gets strictly more votes than any other seat."""
+        v = self.votes(n_players)
+        return v[self.spy] > max(x for k, x in enumerate(v) if k != self.spy)
+
+
+# -----------------------------------------------------------------------------
+# Data: the layout make_games.py writes (DIR/pairs.jsonl + DIR/images/<id>_{original,modified}.png)
+
+
+def read_pairs(data_dir, split="train", eval_percent=10):
+    """Pairs of a data folder, split by a hash of the id so that train and eval never overlap.
+
+    A folder with no pairs.jsonl (e.g. a released Vision-Zero dataset) is read by file name:
+    every <id>_original.<ext> with its <id>_modified.<ext>. Pairs whose images cannot be opened
+    are skipped with a message.
+    """
+    index = os.path.join(data_dir, "pairs.jsonl")
+    if os.path.exists(index):
+        with open(index) as f:
+            pairs = [json.loads(line) for line in f if line.strip()]
+    elif os.path.isdir(data_dir):
+        pairs = []
+        for root, _, files in sorted(os.walk(data_dir)):
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if stem.endswith("_original"):
+                    pid = stem[: -len("_original")]
+                    twin = [m for m in files if os.path.splitext(m)[0] == pid + "_modified"]
+                    if twin:
+                        rel = os.path.relpath(root, data_dir)
+                        pairs.append({"id": pid, "domain": "photo", "original": os.path.join(rel, name),
+                                      "modified": os.path.join(rel, twin[0])})
+    else:
+        sys.exit(f"error: data folder {data_dir} does not exist; make pairs with make_games.py first")
+    wanted = []
+    for pair in pairs:
+        held_out = zlib.crc32(str(pair["id"]).encode()) % 100 < eval_percent
+        if held_out != (split == "eval"):
+            continue
+        for key in ("original", "modified"):
+            pair[key] = os.path.join(data_dir, pair[key])
+        try:
+            for key in ("original", "modified"):
+                with Image.open(pair[key]) as im:
+                    im.verify()
+        except Exception as e:  # any unreadable file: skip the pair, say which and why
+            print(f"skipping pair {pair['id']}: cannot read its images ({type(e).__name__}: {e})")
+            continue
+        pair.setdefault("domain", "photo")
+        wanted.append(pair)
+    return wanted
+
+
+def load_image(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# -----------------------------------------------------------------------------
+# Models: any Hugging Face VLM with a chat template; Qwen2.5-VL with or without torchvision
+
+
+def register_image_only_processor():
+    """Without torchvision the stock Qwen2.5-VL processor cannot be built (it insists on a video
+    processor); this subclass takes only an image processor and a tokenizer. Registering it makes
+    AutoProcessor.from_pretrained return it for Qwen2.5-VL folders instead of a bare tokenizer."""
+    from transformers import AutoProcessor, Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwenProcessor, exist_ok=True)
+    return ImageOnlyQwenProcessor
+
+
+def torchvision_works():
+    try:
+        import torchvision  # noqa: F401  (a broken install raises at import, not only a missing one)
+        return True
+    except Exception:
+        return False
+
+
+def from_pretrained(loader, path, **kwargs):
+    """loader.from_pretrained(path), or one clear line and exit when there is no such model."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # missing folder, unknown or malformed hub id, no network
+        sys.exit(f"error: cannot load model {path!r} ({str(e).splitlines()[0]}); give a model folder "
+                 "(e.g. from `python make_tiny_model.py --out tiny-vlm`) or a Hugging Face model id")
+
+
+def load_processor(path):
+    from transformers import AutoProcessor
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keep the run's own progress bar readable
+    if not torchvision_works():
+        register_image_only_processor()
+    return from_pretrained(AutoProcessor, path)
+
+
+def load_model(path, device, dtype):
+    from transformers import AutoModelForImageTextToText
+    return from_pretrained(AutoModelForImageTextToText, path, dtype=dtype).to(device)
+
+
+class Policy:
+    """A model as a player: `adapter=False` plays a LoRA model with its adapter switched off,
+    which is the frozen initial policy, so the reference needs no second copy in memory."""
+
+    def __init__(self, model, adapter=True):
+        self.model, self.adapter = model, adapter
+
+    def active(self):
+        if not self.adapter and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Generation and log-probs
+
+
+def special_vision_ids(processor):
+    """Vision placeholder tokens: a sampled one would break the next forward pass."""
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    ids = [processor.tokenizer.convert_tokens_to_ids(n) for n in names]
+    return [i for i in ids if i is not None and i != processor.tokenizer.unk_token_id]
+
+
+def stop_ids(model):
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def generate(policy, processor, turns, cfg):
+    """Sample one completion per turn in a single batched call; fills completion_ids and text.
+    Returns the number of tokens generated."""
+    model = policy.model
+    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
+                       padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    with policy.active(), torch.no_grad():
+        out = model.generate(**inputs, do_sample=True, temperature=cfg.temperature, top_k=0,
+                             top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                             suppress_tokens=special_vision_ids(processor),
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    stops, n_tokens = stop_ids(model), 0
+    for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
+        turn.completion_ids = row[:end]  # the stop token is trained too: it decides the length
+        turn.text = processor.tokenizer.decode(turn.completion_ids, skip_special_tokens=True)
+        n_tokens += end
+    return n_tokens
+
+
+def completion_batch(processor, turns, device):
+    """Model inputs for prompt + sampled completion, and the completion ids and mask [B, T].
+    Prompts are left-padded, so every completion starts at the same column."""
+    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
+                       padding=True, padding_side="left", return_tensors="pt")
+    width = max(len(t.completion_ids) for t in turns)
+    ids = torch.full((len(turns), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(turns), width))
+    for i, t in enumerate(turns):
+        ids[i, : len(t.completion_ids)] = torch.tensor(t.completion_ids)
+        mask[i, : len(t.completion_ids)] = 1
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.long()], 1)
+    if "mm_token_type_ids" in inputs:  # transformers 5.x: without it the 3-D rotary positions fall back to 1-D
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    return inputs.to(device), ids.to(device), mask.to(device)
+
+
+def token_logprobs(model, inputs, completion_ids):
+    """log pi(token | prefix) of every completion token, [B, T]; the one log-prob computation
+    used for the policy, the old policy and the reference."""
+    width = completion_ids.shape[1]
+    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float()
+    return torch.gather(F.log_softmax(logits, -1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Playing a batch of games
+
+
+def add_game_args(parser):
+    """Flags of the game itself, shared by training and evaluation."""
+    parser.add_argument("--players", type=int, default=4, help="players per game, one of them the spy (>= 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="clue rounds per game")
+    parser.add_argument("--decision", choices=["judge", "civilians"], default="judge",
+                        help="who decides: a neutral judge sampled G times (released code) or the civilians' votes (paper)")
+    parser.add_argument("--samples", type=int, default=8, help="G: judge samples per game")
+    parser.add_argument("--spy-image", choices=["modified", "blank"], default="modified",
+                        help="what the spy sees: the edited image (v1, code) or an empty picture (v2 text)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest clue or decision completion")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of every turn")
+
+
+def check_game_args(cfg):
+    if cfg.players < 3:
+        sys.exit(f"error: --players {cfg.players}: the game needs at least 3 players (2 civilians and a spy)")
+    if cfg.rounds < 1 or cfg.samples < 1 or cfg.max_new_tokens < 1 or cfg.temperature <= 0:
+        sys.exit("error: --rounds, --samples (G), --max-new-tokens and --temperature must all be positive")
+
+
+def play_games(pairs, spy_seats, sides, processor, cfg):
+    """Play one game per pair, all games advancing together.
+
+    sides[g] = (civilian Policy, spy Policy) of game g: the same policy twice in training; the
+    trained and the reference model in evaluation. The civilians' policy also decides.
+    Returns (games, generated token count).
+    """
+    games = [Game(pair=p, spy=s) for p, s in zip(pairs, spy_seats)]
+    originals = [load_image(p["original"]) for p in pairs]
+    spy_views = [Image.new("RGB", im.size, "white") if cfg.spy_image == "blank" else load_image(p["modified"])
+                 for p, im in zip(pairs, originals)]
+    n_tokens = 0
+
+    def run(requests):  # requests: list of (game index, role, Turn); one generate call per policy
+        nonlocal n_tokens
+        for policy in {id(sides[g][r]): sides[g][r] for g, r, _ in requests}.values():
+            turns = [t for g, r, t in requests if sides[g][r] is policy]
+            n_tokens += generate(policy, processor, turns, cfg)
+
+    for round_ in range(cfg.rounds):
+        for seat in range(cfg.players):
+            requests = []
+            for g, game in enumerate(games):
+                role = int(seat == game.spy)
+                image = spy_views[g] if role else originals[g]
+                requests.append((g, role, Turn(seat, round_, chat(processor, clue_prompt(game, seat, round_, cfg)), image)))
+            run(requests)
+            for g, _, turn in requests:
+                turn.parsed = parse_clue(turn.text)
+                games[g].clues.append(turn)
+
+    requests = []
+    for g, game in enumerate(games):
+        voters = [None] * cfg.samples if cfg.decision == "judge" else [s for s in range(cfg.players) if s != game.spy]
+        for voter in voters:
+            prompt = chat(processor, decision_prompt(game, voter, cfg))
+            requests.append((g, 0, Turn(-1 if voter is None else voter, -1, prompt, originals[g])))
+    run(requests)
+    for g, _, turn in requests:
+        turn.parsed = parse_vote(turn.text, cfg.players)
+        games[g].decisions.append(turn)
+    return games, n_tokens
+
+
+def decision_stats(games):
+    """Fractions of all decision samples that name the spy (acc), abstain (na), or are unparsable."""
+    votes = [(d.parsed, g.spy) for g in games for d in g.decisions]
+    return {"acc": sum(v == spy for v, spy in votes) / len(votes),
+            "na": sum(v == "N/A" for v, _ in votes) / len(votes),
+            "invalid_vote_rate": sum(v is None for v, _ in votes) / len(votes)}
+
+
+def game_record(game, cfg, **extra):
+    """A game as one JSON line: every clue and vote, the pair it was played on and the spy's seat."""
+    return {
+        **extra,
+        "pair_id": game.pair["id"], "domain": game.domain, "original": game.pair["original"],
+        "modified": game.pair["modified"], "changes": game.pair.get("changes", []),
+        "spy_image": cfg.spy_image, "spy": game.spy, "votes": game.votes(cfg.players),
+        "spy_found": game.spy_found(cfg.players),
+        "players": [{"seat": s, "role": ROLE_NAMES[s == game.spy], "reward": game.rewards and game.rewards[s],
+                     "advantage": game.advantages and game.advantages[s]} for s in range(cfg.players)],
+        "clues": [{"round": t.round, "seat": t.seat, "role": ROLE_NAMES[t.seat == game.spy],
+                   "reasoning": t.reasoning, "clue": t.parsed, "tokens": len(t.completion_ids)}
+                  for t in game.clues],
+        "decisions": [{"voter": "judge" if t.seat < 0 else t.seat, "text": t.text, "vote": t.parsed,
+                       "tokens": len(t.completion_ids), "reward": t.reward, "advantage": t.advantage}
+                      for t in game.decisions],
+    }

@@ -1,0 +1,335 @@
+"""Tests of the training loop: the equations against hand computation, the parsers, the tiny
+model's log-probs and KL, a learning check, and run.sh end to end with resume.
+
+    python -m pytest -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlvr
+import selfplay
+import spo
+import trainer
+from trainer import next_stage, policy_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def game_cfg(**overrides):
+    cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
+               temperature=1.0, micro_batch=8, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
+               rae_alpha=0.95, rae_update_first=False, decision_reward="paper", lora_rank=0,
+               device="cpu", dtype=torch.float32, gradient_checkpointing=False)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+# -----------------------------------------------------------------------------
+# Eq. 1, Eq. 2, Eq. 4, Eq. 5
+
+
+def test_clue_rewards_by_hand_and_zero_sum():
+    # votes [1, 5, 0, 2], spy at seat 1: civilians' mean vote 1, spy exposure 5 - 1 = 4
+    rewards = spo.clue_rewards([1, 5, 0, 2], spy=1)
+    assert rewards == pytest.approx([0.4 / 3, -0.4, 0.4 / 3 + 0.1, 0.4 / 3 - 0.1])
+    assert sum(rewards) == pytest.approx(0.0)
+    for votes, spy in [([0, 0, 0, 0], 2), ([8, 0, 0, 0], 0), ([3, 1, 0, 4, 0], 3), ([0, 7, 1], 2)]:
+        assert sum(spo.clue_rewards(votes, spy)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_role_advantages_subtract_then_update():
+    baselines = {"spy": 0.0, "civilian": 0.0}
+    first = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+    assert first == pytest.approx([1.0, -1.0, -3.0])  # the baselines as they were: 0
+    assert baselines == pytest.approx({"spy": 0.5, "civilian": -1.0})  # 0.5 * 0 + 0.5 * mean(-1, -3)
+    second = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+    assert second == pytest.approx([0.5, 0.0, -2.0])
+    assert baselines == pytest.approx({"spy": 0.75, "civilian": -1.5})
+
+
+def test_role_advantages_update_first_like_released_code():
+    baselines = {"spy": 0.0, "civilian": 0.0}
+    adv = spo.role_advantages([1.0, -1.0], [True, False], baselines, alpha=0.9, update_first=True)
+    assert adv == pytest.approx([1.0 - 0.1, -1.0 + 0.1])
+
+
+def test_decision_reward_and_group_advantages():
+    assert [rlvr.decision_reward(v, 2) for v in (2, "N/A", 1, None)] == [1.0, -0.5, -1.0, -1.0]
+    rewards = [1.0, -1.0, -1.0, -0.5]
+    mean = -0.375
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 4)
+    assert rlvr.group_advantages(rewards) == pytest.approx([(r - mean) / (std + 1e-8) for r in rewards])
+    assert rlvr.group_advantages([-1.0] * 8) == [0.0] * 8
+
+
+def test_shaped_reward_matches_released_formula():
+    right = selfplay.Turn(-1, -1, "", None, text="The third player named a sphere. \\boxed{3}", parsed=2)
+    bare = selfplay.Turn(-1, -1, "", None, text="\\boxed{3}", parsed=2)
+    assert rlvr.shaped_decision_reward(right, spy=2) == pytest.approx(0.3 + 1.2 + 0.99)
+    assert rlvr.shaped_decision_reward(bare, spy=2) == pytest.approx(-0.3 + 1.2 + 0.99)
+    assert rlvr.shaped_decision_reward(right, spy=0) == pytest.approx(0.3)
+
+
+# -----------------------------------------------------------------------------
+# Eq. 3 / 6 and the switching rule
+
+
+def test_policy_loss_zero_when_nothing_to_learn():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.1]]))
+    loss = policy_loss(logp, logp.detach(), logp.clone(), torch.zeros(1), torch.ones(1, 3))
+    assert loss.item() == 0.0
+
+
+def test_policy_loss_kl_value_mask_and_gradient_sign():
+    logp = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.9]]))
+    mask = torch.tensor([[1.0, 0.0]])  # the second token is padding: it must not count
+    loss = policy_loss(logp, logp.detach(), ref, torch.tensor([2.0]), mask, kl=0.04)
+    k3 = 0.5 - math.log(0.5) - 1  # exp(ref - logp) - (ref - logp) - 1 at ref/p = 0.5
+    assert loss.item() == pytest.approx(-2.0 + 0.04 * k3)
+    loss.backward()
+    assert logp.grad[0, 0] < 0  # positive advantage: descending the loss raises the token's log-prob
+    assert logp.grad[0, 1] == 0
+
+
+def test_policy_loss_clips_the_ratio():
+    logp = torch.tensor([[0.0]])
+    old = torch.tensor([[-1.0]])  # ratio e > 1 + eps
+    assert policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), kl=0).item() == pytest.approx(-1.2)
+    assert policy_loss(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 1), kl=0).item() == pytest.approx(math.e)
+
+
+@pytest.mark.parametrize("stage, acc, na, dwell, expected", [
+    ("decision", 0.95, 0.05, 4, "decision"),   # K_min not reached
+    ("decision", 0.95, 0.05, 5, "clue"),       # Eq. 9
+    ("decision", 0.95, 0.20, 5, "decision"),   # too many N/A
+    ("decision", 0.50, 0.00, 19, "decision"),
+    ("decision", 0.50, 0.00, 20, "clue"),      # patience P
+    ("clue", 0.70, 0.00, 5, "clue"),           # error 0.3 < 0.4
+    ("clue", 0.60, 0.00, 5, "decision"),       # Eq. 10, error 0.4
+    ("clue", 0.90, 0.50, 5, "decision"),       # Eq. 10, N/A
+    ("clue", 0.10, 0.90, 4, "clue"),           # K_min
+    ("clue", 0.95, 0.00, 20, "decision"),      # patience P
+])
+def test_next_stage_table(stage, acc, na, dwell, expected):
+    assert next_stage(stage, acc, na, dwell) == expected
+
+
+def test_bias_corrected_ema_reads_the_first_value():
+    cfg = SimpleNamespace(rho=0.95, bias_correction=True)
+    state = {"ema_steps": 0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0}
+    trainer.update_decision_emas(state, 0.92, 0.04, cfg)
+    assert (state["acc_ema"], state["na_ema"]) == pytest.approx((0.92, 0.04))
+    cfg.bias_correction = False
+    trainer.update_decision_emas(state, 0.92, 0.04, cfg)
+    assert state["acc_ema"] == pytest.approx(0.05 * 0.92 * 0.95 + 0.05 * 0.92)
+
+
+# -----------------------------------------------------------------------------
+# Parsers
+
+
+@pytest.mark.parametrize("text, clue", [
+    ("I see a cube. \\boxed{A red cube on the left.}", "A red cube on the left."),
+    ("\\boxed{first} then \\boxed{second}", "first"),
+    ("\\boxed{a set {x} of {y}} tail", "a set {x} of {y}"),
+    ("\\boxed{   }", None),
+    ("\\boxed{never closed", None),
+    ("no box at all", None),
+    ("", None),
+    ("\\boxed{Ein grüner Würfel 🟩}", "Ein grüner Würfel 🟩"),
+])
+def test_parse_clue(text, clue):
+    assert selfplay.parse_clue(text) == clue
+
+
+@pytest.mark.parametrize("text, vote", [
+    ("\\boxed{3}", 2),
+    ("Player 2 is odd. \\boxed{Player 3}", 2),
+    ("\\boxed{N/A}", "N/A"), ("\\boxed{n/a}", "N/A"), ("\\boxed{NA}", "N/A"), ("\\boxed{ N / A }", "N/A"),
+    ("\\boxed{5}", None), ("\\boxed{0}", None), ("\\boxed{-1}", None), ("\\boxed{2.5}", None),
+    ("\\boxed{12}", None), ("\\boxed{}", None), ("\\boxed{spy}", None), ("3", None), ("", None),
+    ("\\boxed{4} \\boxed{1}", 3), ("\\boxed{{2}}", 1), ("\\boxed{٣}", None), ("\\boxed{seat 1 or 2}", 0),
+])
+def test_parse_vote(text, vote):
+    assert selfplay.parse_vote(text, 4) == vote
+
+
+# -----------------------------------------------------------------------------
+# The tiny model: log-probs, reference, learning
+
+
+def sample_turns(processor, pairs, n):
+    prompts = ["Give a clue.", "You are Player 2. " * 3]
+    return [selfplay.Turn(0, 0, selfplay.chat(processor, prompts[i % 2]),
+                          selfplay.load_image(pairs[i % len(pairs)]["original"])) for i in range(n)]
+
+
+def test_logprobs_match_generate(tiny_model, pairs_dir):
+    processor = selfplay.load_processor(tiny_model)
+    model = selfplay.load_model(tiny_model, "cpu", torch.float32).eval()
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)  # mixed image sizes and prompt lengths
+    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
+                       padding=True, padding_side="left", return_tensors="pt")
+    torch.manual_seed(0)
+    out = model.generate(**inputs, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=12,
+                         suppress_tokens=selfplay.special_vision_ids(processor), output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
+    generate_logp = torch.stack([F.log_softmax(step.float(), -1) for step in out.logits], 1)
+    generate_logp = generate_logp.gather(2, sampled.unsqueeze(-1)).squeeze(-1)
+    stops = selfplay.stop_ids(model)
+    for turn, row in zip(turns, sampled.tolist()):
+        turn.completion_ids = row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    with torch.no_grad():
+        recomputed = selfplay.token_logprobs(model, batch, ids)
+    width = ids.shape[1]
+    assert mask.sum() > len(turns)
+    assert torch.allclose(recomputed * mask, generate_logp[:, :width] * mask, atol=1e-4)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_kl_to_reference_is_zero_before_the_first_update(tiny_model, pairs_dir, lora_rank):
+    cfg = game_cfg(model=tiny_model, lora_rank=lora_rank)
+    policy, processor = trainer.build_policy(cfg)
+    reference = trainer.reference_policy(policy, cfg)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    selfplay.generate(policy, processor, turns, cfg)
+    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    with torch.no_grad():
+        logp = selfplay.token_logprobs(policy.model, batch, ids)
+        with reference.active():
+            ref = selfplay.token_logprobs(reference.model, batch, ids)
+        blind = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+        blind["input_ids"] = torch.where(blind["input_ids"] == policy.model.config.image_token_id,
+                                         processor.tokenizer.pad_token_id, blind["input_ids"])
+        without_images = selfplay.token_logprobs(reference.model, blind, ids)
+    assert (trainer.k3_kl(logp, ref) * mask).abs().max().item() == 0.0
+    # the check has teeth: a reference pass that drops the images gives another distribution
+    assert (trainer.k3_kl(logp, without_images) * mask).max().item() > 1e-6
+
+
+def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
+    """Reward = share of completion tokens with an even id: a dense, checkable reward. A few dozen
+    steps of rlvr's group advantages + the loss must raise it (catches sign, mask and alignment bugs)."""
+    torch.manual_seed(0)
+    cfg = game_cfg(model=tiny_model, max_new_tokens=4, kl=0.0)
+    policy, processor = trainer.build_policy(cfg)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
+    pairs = selfplay.read_pairs(pairs_dir, "train")
+    history = []
+    for _ in range(30):
+        turns = sample_turns(processor, pairs, 16)
+        selfplay.generate(policy, processor, turns, cfg)
+        rewards = [sum(t % 2 == 0 for t in turn.completion_ids) / len(turn.completion_ids) for turn in turns]
+        history.append(sum(rewards) / len(rewards))
+        trainer.train_step(policy, None, optimizer, processor, turns, rlvr.group_advantages(rewards), cfg, lr=3e-3)
+    start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert end > start + 0.25, f"reward went from {start:.2f} to {end:.2f}"
+
+
+def test_play_games_records_every_turn(tiny_model, pairs_dir):
+    cfg = game_cfg(model=tiny_model, rounds=2, samples=3)
+    policy, processor = trainer.build_policy(cfg)
+    pairs = selfplay.read_pairs(pairs_dir, "train")[:3]
+    games, n_tokens = selfplay.play_games(pairs, [0, 1, 3], [(policy, policy)] * 3, processor, cfg)
+    assert n_tokens == sum(len(t.completion_ids) for g in games for t in g.clues + g.decisions)
+    for game in games:
+        assert [(t.round, t.seat) for t in game.clues] == [(r, s) for r in range(2) for s in range(4)]
+        assert len(game.decisions) == 3 and all(t.seat == -1 for t in game.decisions)
+        assert all(1 <= len(t.completion_ids) <= cfg.max_new_tokens for t in game.clues + game.decisions)
+    # the spy (seat 0 of game 0) is shown the modified image, the others the original
+    assert games[0].clues[0].image.tobytes() == selfplay.load_image(pairs[0]["modified"]).tobytes()
+    assert games[0].clues[1].image.tobytes() == selfplay.load_image(pairs[0]["original"]).tobytes()
+    civilians = selfplay.play_games(pairs, [0, 1, 3], [(policy, policy)] * 3, processor,
+                                    game_cfg(model=tiny_model, decision="civilians"))[0]
+    assert [sorted(t.seat for t in g.decisions) for g in civilians] == [[1, 2, 3], [0, 2, 3], [0, 1, 2]]
+
+
+def test_prompts_follow_the_game(tiny_model, pairs_dir):
+    cfg = game_cfg(rounds=2)
+    game = selfplay.Game(pair={"domain": "clevr"}, spy=1)
+    game.clues = [selfplay.Turn(0, 0, "", None, text="Hmm, red. \\boxed{A red cube.}", parsed="A red cube."),
+                  selfplay.Turn(1, 0, "", None, text="Secret plan. \\boxed{Some objects.}", parsed="Some objects.")]
+    spy_prompt = selfplay.clue_prompt(game, 1, 1, cfg)
+    civilian_prompt = selfplay.clue_prompt(game, 0, 1, cfg)
+    assert "You are the spy" in spy_prompt and "Secret plan." in spy_prompt
+    assert "You are a civilian" in civilian_prompt and "Secret plan." not in civilian_prompt
+    assert 'Player 1: "A red cube."' in civilian_prompt and "round 2 of 2" in civilian_prompt
+    judge = selfplay.decision_prompt(game, None, cfg)
+    assert "Hmm, red" not in judge and "Secret plan" not in judge and "Some objects." in judge
+    assert selfplay.BLANK_RULE in selfplay.game_rules(4, "chart", "blank")
+
+
+# -----------------------------------------------------------------------------
+# Command line: bad input and run.sh end to end
+
+
+def run(args, env=None, timeout=600):
+    return subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--players", "2"], "at least 3 players"),
+    (["--samples", "0"], "must all be positive"),
+    (["--model", "no/such/folder"], "cannot load model"),
+    (["--model", "/no/such/folder"], "cannot load model"),
+])
+def test_bad_flags_fail_with_one_clear_line(tiny_model, pairs_dir, tmp_path, extra, message):
+    result = run([sys.executable, "rlvr.py", "--model", tiny_model, "--data", pairs_dir, "--out", str(tmp_path), *extra])
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_folder_without_pairs(tiny_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run([sys.executable, "spo.py", "--model", tiny_model, "--data", str(tmp_path / "empty"),
+                  "--out", str(tmp_path / "out"), "--schedule", "clue"])
+    assert result.returncode != 0 and "no readable training pairs" in result.stderr
+
+
+def test_unreadable_pair_is_skipped(pairs_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = open(os.path.join(pairs_dir, "pairs.jsonl")).read().splitlines()[:3]
+    for line in lines:
+        pair = json.loads(line)
+        for key in ("original", "modified"):
+            os.link(os.path.join(pairs_dir, pair[key]), data / pair[key])
+    (data / json.loads(lines[0])["modified"]).write_bytes(b"not a png")
+    with open(data / "pairs.jsonl", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    kept = selfplay.read_pairs(str(data), "train") + selfplay.read_pairs(str(data), "eval")
+    assert sorted(p["id"] for p in kept) == sorted(json.loads(l)["id"] for l in lines[1:])
+
+
+def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {"MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
+           "EXTRA": "--max-new-tokens 6 --k-min 1 --patience 2"}
+    first = run(["bash", "run.sh"], {**env, "ITERATIONS": "3"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run(["bash", "run.sh"], {**env, "ITERATIONS": "5"})
+    assert second.returncode == 0, second.stderr[-2000:]
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5]  # resumed after 3, nothing redone
+    assert [m["stage"] for m in metrics] == ["decision", "decision", "clue", "decision", "decision"]
+    assert sorted(os.listdir(out / "games")) == [f"iter_{i:06d}.jsonl" for i in range(1, 6)]
+    assert open(out / "latest").read() == "ckpt-000005"
+    state = json.load(open(out / "ckpt-000005" / "state.json"))
+    assert state["iteration"] == 5 and state["stage"] == "clue"
+    game = json.loads(open(out / "games" / "iter_000003.jsonl").readline())
+    assert len(game["clues"]) == 8 and all(p["advantage"] is not None for p in game["players"])
+    result = json.load(open(out / "eval.json"))
+    assert result["games"] == 2 and 0 <= result["win_rate"] <= 1
+    third = run(["bash", "run.sh"], {**env, "ITERATIONS": "5"})  # nothing left to do
+    assert third.returncode == 0 and len(open(out / "metrics.jsonl").readlines()) == 5

@@ -1,0 +1,389 @@
+"""
+trainer.py: what the two stage scripts share. The loss (Eq. 3 = Eq. 6), the Iterative-SPO
+switching rule (Eqs. 7-10, Algorithm 1), checkpoints, and the iteration loop.
+
+One iteration: play a batch of full games with the current policy (selfplay.py), train ONLY the
+active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step,
+update the decision statistics, log, save, and ask the schedule which stage comes next:
+
+  Eq. 3/6  per token: ratio = exp(logp - logp_old)
+             L = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta_KL KL,
+             KL = exp(ref - logp) - (ref - logp) - 1 (k3),  eps = 0.2, beta_KL = 0.04;
+           mean over a sequence's completion tokens, then over sequences. With one optimiser step
+           per batch the ratio is 1 (REINFORCE + KL), so logp_old is the detached logp.
+  Eq. 7-8  acc_ema <- rho acc_ema + (1 - rho) acc_t, na_ema likewise, rho = 0.95, both from 0;
+           acc_t = fraction of decision samples naming the spy, na_t = fraction of N/A.
+  Eq. 9    decision -> clue when acc_ema >= 0.9 and na_ema <= 0.1 (the spy is too easy to find).
+  Eq. 10   clue -> decision when 1 - acc_ema >= 0.4 or na_ema >= 0.5 (the decisions need work).
+           Either only after K_min = 5 iterations in the stage; after P = 20 the stage switches
+           regardless.
+
+When the schedule says to change stage, the checkpoint records the new stage and the script
+exits; run.sh then starts the other script on the same --out folder. Started by hand:
+
+    python rlvr.py --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
+    python spo.py  --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import rlvr
+import selfplay
+import spo
+
+# -----------------------------------------------------------------------------
+# The algorithm: loss and switching rule
+
+
+def sequence_mean(values, mask):
+    """Mean over each sequence's completion tokens, [B]."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimate of KL(pi || pi_ref): unbiased, always >= 0, exactly 0 where they agree."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04):
+    """Eq. 3 / Eq. 6: clipped surrogate plus beta_KL times k3, averaged per sequence then over
+    the batch. logp, old_logp, ref_logp, mask: [B, T]; adv: [B]. ref_logp may be None when kl = 0."""
+    ratio = torch.exp(logp - old_logp)
+    adv = adv.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    if kl > 0:
+        per_token = per_token + kl * k3_kl(logp, ref_logp)
+    return sequence_mean(per_token, mask).mean()
+
+
+def next_stage(stage, acc_ema, na_ema, dwell, acc_high=0.9, na_low=0.1, error_high=0.4,
+               na_high=0.5, k_min=5, patience=20):
+    """Eqs. 9-10: the stage of the next iteration, given `dwell` iterations done in this one."""
+    other = "clue" if stage == "decision" else "decision"
+    if dwell < k_min:
+        return stage
+    if dwell >= patience:
+        return other
+    if stage == "decision" and acc_ema >= acc_high and na_ema <= na_low:
+        return "clue"
+    if stage == "clue" and (1 - acc_ema >= error_high or na_ema >= na_high):
+        return "decision"
+    return stage
+
+
+def scheduled_stage(state, cfg):
+    """The stage after this iteration under --schedule (iterative is Algorithm 1)."""
+    if cfg.schedule == "iterative":
+        return next_stage(state["stage"], state["acc_ema"], state["na_ema"], state["dwell"],
+                          cfg.acc_high, cfg.na_low, cfg.error_high, cfg.na_high, cfg.k_min, cfg.patience)
+    if cfg.schedule == "alternate":  # the released code: switch after every optimiser step
+        return "clue" if state["stage"] == "decision" else "decision"
+    return cfg.schedule
+
+
+def update_decision_emas(state, acc, na, cfg):
+    """Eqs. 7-8, kept raw; with --bias-correction the switching rule reads them divided by
+    1 - rho^t, so that they mean 'recent accuracy' from the first iteration on."""
+    state["ema_steps"] += 1
+    state["acc_ema_raw"] = cfg.rho * state["acc_ema_raw"] + (1 - cfg.rho) * acc
+    state["na_ema_raw"] = cfg.rho * state["na_ema_raw"] + (1 - cfg.rho) * na
+    scale = 1 - cfg.rho ** state["ema_steps"] if cfg.bias_correction else 1.0
+    state["acc_ema"], state["na_ema"] = state["acc_ema_raw"] / scale, state["na_ema_raw"] / scale
+
+
+def learning_rate(iteration, cfg):
+    """Cosine schedule with 10% linear warm-up over the run's --iterations (1-based iteration)."""
+    warmup = max(1, math.ceil(0.1 * cfg.iterations))
+    step = iteration - 1
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.iterations - warmup)))
+
+
+# -----------------------------------------------------------------------------
+# One optimiser step on a stage's samples
+
+
+def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
+    """Accumulate Eq. 3/6 over micro-batches, clip, step. Returns loss, kl, grad norm, skipped."""
+    model = policy.model
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, total_kl = 0.0, 0.0
+    for start in range(0, len(turns), cfg.micro_batch):
+        chunk = turns[start:start + cfg.micro_batch]
+        adv = torch.tensor(advantages[start:start + cfg.micro_batch], device=model.device)
+        inputs, ids, mask = selfplay.completion_batch(processor, chunk, model.device)
+        ref_logp = None
+        if cfg.kl > 0:  # no reference pass at all when the KL term is off
+            with torch.no_grad(), reference.active():
+                ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
+        logp = selfplay.token_logprobs(model, inputs, ids)
+        loss = policy_loss(logp, logp.detach(), ref_logp, adv, mask, cfg.clip, cfg.kl)
+        (loss * len(chunk) / len(turns)).backward()
+        total_loss += loss.item() * len(chunk) / len(turns)
+        if ref_logp is not None:
+            total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / len(turns)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+    if skipped:  # one bad batch must not poison the weights: drop it and say so in the metrics
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    model.eval()
+    return total_loss, total_kl, grad_norm, skipped
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: models, checkpoints, config
+
+
+def build_policy(cfg, checkpoint=None):
+    """The trainable model (from the checkpoint when resuming) and its processor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    processor = selfplay.load_processor(cfg.model)
+    if cfg.lora_rank > 0:
+        model = selfplay.load_model(cfg.model, cfg.device, cfg.dtype)
+        if checkpoint:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:  # the text model's projections only; the vision tower stays as it is
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                              target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj")
+            model = get_peft_model(model, lora)
+    else:
+        model = selfplay.load_model(checkpoint or cfg.model, cfg.device, cfg.dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return selfplay.Policy(model.eval()), processor
+
+
+def reference_policy(policy, cfg):
+    """The frozen initial policy: the same model with its LoRA adapter off (no second copy in
+    memory), or, for full fine-tuning, a frozen copy of --model."""
+    if cfg.lora_rank > 0:
+        return selfplay.Policy(policy.model, adapter=False)
+    frozen = selfplay.load_model(cfg.model, cfg.device, cfg.dtype).eval().requires_grad_(False)
+    return selfplay.Policy(frozen)
+
+
+def latest_checkpoint(out):
+    pointer = os.path.join(out, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out, f.read().strip())
+
+
+def write_json_atomic(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out, policy, processor, optimizer, state):
+    """Write ckpt-NNNNNN completely, then point `latest` at it (an atomic rename), then drop older
+    ones: a crash at any moment leaves `latest` naming a whole checkpoint."""
+    name = f"ckpt-{state['iteration']:06d}"
+    folder = os.path.join(out, name)
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
+    policy.model.save_pretrained(folder)  # safetensors: the LoRA adapter, or the whole model
+    processor.save_pretrained(folder)
+    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    write_json_atomic(os.path.join(folder, "state.json"), state)
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    for old in os.listdir(out):
+        if old.startswith("ckpt-") and old != name:
+            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+
+
+def fresh_state(cfg):
+    return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
+            "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
+            "baselines": {"spy": 0.0, "civilian": 0.0}}
+
+
+def trim_log(path, last_iteration):
+    """Drop metric lines of iterations after the checkpoint (a crash between log and save)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def batch_pairs(pairs, iteration, cfg):
+    """The pairs of an iteration: consecutive slices of a per-epoch shuffle, so every pair is used
+    once per epoch and a resumed run plays exactly the games an uninterrupted one would."""
+    chosen = []
+    for k in range((iteration - 1) * cfg.games, iteration * cfg.games):
+        epoch, position = divmod(k, len(pairs))
+        order = random.Random(f"{cfg.seed}-epoch-{epoch}").sample(range(len(pairs)), len(pairs))
+        chosen.append(pairs[order[position]])
+    return chosen
+
+
+def parse_args(stage):
+    p = argparse.ArgumentParser(description=f"Vision-Zero {stage} stage (see the docstring of trainer.py)")
+    p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="Hugging Face model id or folder: the initial policy and the KL reference")
+    p.add_argument("--data", required=True, help="folder of image pairs as make_games.py writes it")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, games/; reused to resume")
+    p.add_argument("--iterations", type=int, default=100, help="total iterations of the run (both stages together)")
+    p.add_argument("--games", type=int, default=16, help="games played per iteration")
+    selfplay.add_game_args(p)
+    p.add_argument("--schedule", choices=["iterative", "alternate", "clue", "decision"], default="iterative",
+                   help="iterative: Algorithm 1; alternate: switch every iteration (released code); clue/decision: one stage only (ablations)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine, 10%% warm-up)")
+    p.add_argument("--kl", type=float, default=0.04, help="beta_KL, weight of the k3 KL to the initial policy; 0 skips the reference pass")
+    p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (memory vs speed)")
+    p.add_argument("--beta", type=float, default=0.1, help="Eq. 1: weight of the spy's exposure")
+    p.add_argument("--lam", type=float, default=0.1, help="Eq. 1: lambda, penalty for a civilian drawing votes")
+    p.add_argument("--rae-alpha", type=float, default=0.95, help="Eq. 2: EMA factor of the role baselines (released code: 0.9)")
+    p.add_argument("--rae-update-first", action="store_true", help="update the role baselines before subtracting them (released code)")
+    p.add_argument("--decision-reward", choices=["paper", "shaped"], default="paper", help="Eq. 4 (paper) or the released code's shaped reward")
+    p.add_argument("--rho", type=float, default=0.95, help="Eqs. 7-8: EMA factor of decision accuracy and N/A rate")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide the EMAs by 1 - rho^t (without it acc_ema cannot reach 0.9 before ~45 iterations)")
+    p.add_argument("--acc-high", type=float, default=0.9, help="Eq. 9: decision -> clue needs acc_ema >= this")
+    p.add_argument("--na-low", type=float, default=0.1, help="Eq. 9: and na_ema <= this")
+    p.add_argument("--error-high", type=float, default=0.4, help="Eq. 10: clue -> decision when 1 - acc_ema >= this")
+    p.add_argument("--na-high", type=float, default=0.5, help="Eq. 10: or na_ema >= this")
+    p.add_argument("--k-min", type=int, default=5, help="K_min: fewest iterations in a stage before a switch")
+    p.add_argument("--patience", type=int, default=20, help="P: iterations after which the stage switches regardless")
+    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on the text model (0 = full fine-tune with a frozen reference copy)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, ~30%% slower)")
+    p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
+    cfg = p.parse_args()
+    selfplay.check_game_args(cfg)
+    if cfg.iterations < 1 or cfg.games < 1 or cfg.micro_batch < 1 or cfg.save_every < 1:
+        p.error("--iterations, --games, --micro-batch and --save-every must be at least 1")
+    if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
+        p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+    cfg.dtype = getattr(torch, cfg.dtype)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(stage):
+    cfg = parse_args(stage)
+    os.makedirs(os.path.join(cfg.out, "games"), exist_ok=True)
+    checkpoint = latest_checkpoint(cfg.out)
+    state = fresh_state(cfg)
+    if checkpoint:
+        with open(os.path.join(checkpoint, "state.json")) as f:
+            state = json.load(f)
+    if state["iteration"] >= cfg.iterations:
+        print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
+        return
+    if state["stage"] != stage:
+        script = "spo.py" if state["stage"] == "clue" else "rlvr.py"
+        sys.exit(f"error: the run in {cfg.out} is in the {state['stage']} stage: run `python {script}` with the same flags, or `bash run.sh`")
+    pairs = selfplay.read_pairs(cfg.data, "train")
+    if not pairs:
+        sys.exit(f"error: no readable training pairs in {cfg.data}; make some with `python make_games.py --out {cfg.data}`")
+
+    resolved = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(cfg).items()}
+    print(f"{stage} stage, config: {json.dumps(resolved)}")
+    write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
+    trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
+    torch.manual_seed(cfg.seed)  # the LoRA init of a fresh run
+    policy, processor = build_policy(cfg, checkpoint)
+    reference = reference_policy(policy, cfg) if cfg.kl > 0 else None  # no reference pass when the KL term is off
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    if checkpoint:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+
+    bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it")
+    while state["iteration"] < cfg.iterations:
+        iteration = state["iteration"] + 1
+        started = time.time()
+        rng = random.Random(f"{cfg.seed}-{iteration}")
+        torch.manual_seed(rng.randrange(2**31))  # sampling is a function of (seed, iteration): resumes replay exactly
+        pairs_now = batch_pairs(pairs, iteration, cfg)
+        spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
+        games, gen_tokens = selfplay.play_games(pairs_now, spy_seats, [(policy, policy)] * len(pairs_now), processor, cfg)
+        generated = time.time()
+
+        # score every game for both stages (for the log); train only the active stage
+        spo.score_clues(games, cfg)
+        rlvr.score_decisions(games, cfg)
+        if stage == "clue":
+            turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
+        else:
+            turns, advantages = rlvr.decision_samples(games, cfg)
+        loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages,
+                                                  cfg, learning_rate(iteration, cfg))
+        updated = time.time()
+
+        stats = selfplay.decision_stats(games)
+        update_decision_emas(state, stats["acc"], stats["na"], cfg)
+        state["iteration"], state["dwell"] = iteration, state["dwell"] + 1
+        spy_r = [g.rewards[g.spy] for g in games]
+        civ_r = [r for g in games for seat, r in enumerate(g.rewards) if seat != g.spy]
+        clue_lengths = [len(t.completion_ids) for g in games for t in g.clues]
+        decision_lengths = [len(t.completion_ids) for g in games for t in g.decisions]
+        metrics = {
+            "iteration": iteration, "stage": stage, **stats,
+            "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
+            "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
+            "reward_spy": sum(spy_r) / len(spy_r), "reward_civilian": sum(civ_r) / len(civ_r),
+            "reward_decision": sum(d.reward for g in games for d in g.decisions) / len(decision_lengths),
+            "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
+            "lr": learning_rate(iteration, cfg),
+            "clue_format_rate": sum(t.parsed is not None for g in games for t in g.clues) / len(clue_lengths),
+            "spy_found_rate": sum(g.spy_found(cfg.players) for g in games) / len(games),
+            "clue_tokens": sum(clue_lengths) / len(clue_lengths),
+            "decision_tokens": sum(decision_lengths) / len(decision_lengths),
+            "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
+            "seconds_generate": generated - started, "seconds_update": updated - generated,
+        }
+        with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
+            for g, game in enumerate(games):
+                record = selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)
+                f.write(json.dumps(record) + "\n")
+
+        following = scheduled_stage(state, cfg)
+        if following != stage:
+            state["stage"], state["dwell"] = following, 0
+        finished = following != stage or state["iteration"] >= cfg.iterations
+        if finished or iteration % cfg.save_every == 0:
+            save_checkpoint(cfg.out, policy, processor, optimizer, state)
+        metrics["seconds"] = time.time() - started
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if skipped:
+            tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
+        bar.update(1)
+        bar.set_postfix(acc=f"{stats['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{stats['na']:.2f}", next=following)
+        if finished:
+            break
+    bar.close()
+    print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")
