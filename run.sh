@@ -81,7 +81,5 @@ while true; do
 done
 
 python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"
-if [ -f report.py ]; then
-  python3 report.py "$OUT"
-fi
-echo "Done: $OUT holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."
+python3 report.py "$OUT"
+echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."

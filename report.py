@@ -1,0 +1,454 @@
+"""
+report.py: turn a Vision-Zero run folder into one self-contained HTML page.
+
+    python report.py runs/demo
+
+writes runs/demo/report.html and runs/demo/curves.png. The page opens from disk with no server
+and no network: the curves and the image thumbnails are embedded as data URIs, and the little
+script that drives the game browser is written into the page itself. It shows, top to bottom:
+the evaluation (eval.json), the config (config.json), the training curves with the stages shaded
+and the switching thresholds of the schedule drawn in, a browser over the games that were played,
+and a table of every logged metric.
+
+Big runs stay quick to open: every metric is embedded, but only the games of --max-iterations
+iterations (evenly spaced, first and last included), --games-per-iteration each, and an image
+that several games share (the same pair) is embedded once.
+"""
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a training box
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+from PIL import Image
+
+STAGE_COLORS = {"decision": "#4c72b0", "clue": "#dd8452"}
+# (panel title, metrics drawn in it); a metric missing from the log is simply left out
+PANELS = [
+    ("decision accuracy and N/A rate", ["acc", "acc_ema", "na", "na_ema"]),
+    ("reward per role (mean)", ["reward_spy", "reward_civilian", "reward_decision"]),
+    ("RAE role baselines", ["baseline_spy", "baseline_civilian"]),
+    ("loss", ["loss"]),
+    ("KL to the reference policy", ["kl"]),
+    ("completion length (tokens)", ["clue_tokens", "decision_tokens"]),
+    ("generation speed (tokens/s)", ["gen_tokens_per_s"]),
+    ("game statistics", ["spy_found_rate", "invalid_vote_rate", "clue_format_rate"]),
+    ("seconds per iteration", ["seconds_generate", "seconds_update", "seconds"]),
+]
+# C0 control characters (tab and newlines kept) that model text may contain
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def fail(message):
+    print(f"report.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def esc(value):
+    """Any value as HTML text that cannot break the page: lone surrogates and control characters
+    become U+FFFD, markup characters are escaped."""
+    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    return html.escape(CONTROL_CHARS.sub("\ufffd", text))
+
+
+def fmt(value):
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def read_jsonl(path, limit=None):
+    """The first `limit` JSON objects of a .jsonl file, and how many it holds. A line that does not
+    parse (e.g. the last one of a run killed while writing) is skipped."""
+    rows, count = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                count += 1
+                if limit is None or len(rows) < limit:
+                    rows.append(row)
+    return rows, count
+
+
+def read_json(path):
+    """(object, None) for a readable JSON file, (None, why not) otherwise."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+
+
+def draw_curves(metrics, config):
+    """One PNG with a panel per group of metrics over the iterations, as bytes."""
+    iterations = [row.get("iteration", i + 1) for i, row in enumerate(metrics)]
+    # contiguous runs of one stage, shaded in every panel so that each switch is visible
+    spans = []
+    for it, row in zip(iterations, metrics):
+        if spans and spans[-1][0] == row.get("stage"):
+            spans[-1][2] = it
+        else:
+            spans.append([row.get("stage"), it, it])
+    # the panel of the switching rule spans the top row, the others share the two rows below
+    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh")], figsize=(16, 10), sharex=True)
+    panel_axes = [axes[name] for name in ["rule", *"abcdefgh"]]
+    for ax, (title, keys) in zip(panel_axes, PANELS):
+        for stage, first, last in spans:
+            ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS.get(stage, "#999999"), alpha=0.12, lw=0)
+        for key in keys:
+            values = [row.get(key) for row in metrics]
+            values = [v if isinstance(v, (int, float)) else math.nan for v in values]
+            if all(math.isnan(v) for v in values):
+                continue
+            ema = key.endswith("_ema")
+            ax.plot(iterations, values, label=key, lw=2.0 if ema else 1.2, alpha=1.0 if ema else 0.6,
+                    marker="" if len(values) > 30 else ".")
+        ax.set_title(title, fontsize=11)
+        ax.grid(alpha=0.3)
+    # the switching rule of the schedule: decision -> clue when acc_ema >= acc_high and
+    # na_ema <= na_low; clue -> decision when 1 - acc_ema >= error_high or na_ema >= na_high
+    rule = axes["rule"]
+    thresholds = [("acc_high", config.get("acc_high", 0.9), "#1f77b4", "acc_ema ≥ {:g}: to clue"),
+                  ("error_high", 1 - config.get("error_high", 0.4), "#d62728", "acc_ema ≤ {:g}: to decision"),
+                  ("na_low", config.get("na_low", 0.1), "#2ca02c", "na_ema ≤ {:g}: to clue"),
+                  ("na_high", config.get("na_high", 0.5), "#9467bd", "na_ema ≥ {:g}: to decision")]
+    for _, value, color, label in thresholds:
+        rule.axhline(value, ls="--", lw=1, color=color, label=label.format(value))
+    rule.set_ylim(-0.05, 1.05)
+    handles, labels = rule.get_legend_handles_labels()
+    handles += [Patch(color=c, alpha=0.25, label=f"{s} stage") for s, c in STAGE_COLORS.items()]
+    rule.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+    for ax in panel_axes[1:]:
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")
+    for name in "efgh":
+        axes[name].set_xlabel("iteration")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class Thumbnails:
+    """Downscaled images as data URIs, each path encoded once however many games show it."""
+
+    def __init__(self, max_side):
+        self.max_side = max_side
+        self.ids = {}  # path -> (id, width, height) of the full image, or None when unreadable
+        self.uris = {}  # id -> data URI
+
+    def get(self, path):
+        if path not in self.ids:
+            self.ids[path] = self._encode(path)
+        return self.ids[path]
+
+    def _encode(self, path):
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image = image.convert("RGB")
+                image.thumbnail((self.max_side, self.max_side))
+        except (OSError, ValueError, TypeError):
+            return None
+        # renders and charts compress better as PNG, photos as JPEG: keep the smaller
+        encoded = []
+        for fmt_name, mime, options in [("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 80})]:
+            buffer = io.BytesIO()
+            image.save(buffer, fmt_name, **options)
+            encoded.append((len(buffer.getvalue()), mime, buffer.getvalue()))
+        _, mime, data = min(encoded)
+        image_id = f"img{len(self.uris)}"
+        self.uris[image_id] = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+        return image_id, size[0], size[1]
+
+
+def render_image(thumbnails, path, caption, boxes_size, changes, blank=False):
+    """A figure with the thumbnail and the changed regions outlined (bbox in pixels of the original,
+    drawn in percent so they scale with the thumbnail)."""
+    if blank:
+        body = '<div class="blank">blank white picture</div>'
+    else:
+        found = thumbnails.get(path) if path else None
+        if found is None:
+            body = f'<div class="missing">image not found:<br>{esc(path)}</div>'
+        else:
+            image_id, _, _ = found
+            body = f'<img data-image="{image_id}" alt="{esc(caption)}">'
+            if boxes_size:
+                width, height = boxes_size
+                for change in changes:
+                    box = change.get("bbox") if isinstance(change, dict) else None
+                    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+                        continue
+                    x0, y0, x1, y1 = box
+                    body += (f'<div class="box" style="left:{100 * x0 / width:.2f}%;top:{100 * y0 / height:.2f}%;'
+                             f'width:{100 * (x1 - x0) / width:.2f}%;height:{100 * (y1 - y0) / height:.2f}%"></div>')
+    return f'<figure><div class="thumb">{body}</div><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def player_name(seat):
+    return f"player {seat + 1}" if isinstance(seat, int) else esc(seat)
+
+
+def render_game(game, thumbnails):
+    """One game: the two images, the clues round by round, the decision, the rewards."""
+    spy = game.get("spy")
+    changes = game.get("changes") or []
+    original = game.get("original")
+    found = thumbnails.get(original) if original else None
+    if found is None and game.get("modified"):
+        found = thumbnails.get(game["modified"])
+    boxes_size = found[1:] if found else None
+    spy_sees = game.get("spy_image", "modified")
+    won = "civilians win: the spy was found" if game.get("spy_found") else "the spy wins: not found"
+    out = [f'<section class="game" data-iteration="{esc(game.get("iteration"))}" data-game="{esc(game.get("game_index"))}">',
+           f'<h3>iteration {esc(game.get("iteration"))} · game {esc((game.get("game_index") or 0) + 1)} · '
+           f'pair {esc(game.get("pair_id"))} ({esc(game.get("domain"))}) · {esc(game.get("stage"))} stage · '
+           f'spy: {player_name(spy)} · <span class="{"civ" if game.get("spy_found") else "spywin"}">{won}</span></h3>',
+           '<div class="pair">',
+           render_image(thumbnails, original, "civilians see: original", boxes_size, changes),
+           render_image(thumbnails, game.get("modified"), f"the spy sees: {spy_sees}", boxes_size, changes,
+                        blank=spy_sees == "blank"),
+           '<div><b>players</b><table><tr><th>seat</th><th>role</th><th>reward</th><th>advantage</th></tr>']
+    for player in game.get("players", []):
+        out.append(f'<tr class="{esc(player.get("role"))}"><td>{player_name(player.get("seat"))}</td>'
+                   f'<td>{esc(player.get("role"))}</td><td>{fmt(player.get("reward"))}</td><td>{fmt(player.get("advantage"))}</td></tr>')
+    out.append('</table><small>— : the clue stage did not train in this iteration</small></div></div>')
+    described = [c for c in changes if isinstance(c, dict) and any(k in c for k in ("what", "before", "after"))]
+    if described:
+        out.append("<ul class=changes>" + "".join(
+            f"<li>{esc(c.get('what', 'change'))}: {esc(c.get('before', '?'))} → {esc(c.get('after', '?'))}</li>"
+            for c in described) + "</ul>")
+    out.append("<h4>clues</h4>")
+    rounds = sorted({c.get("round", 0) for c in game.get("clues", [])})
+    for number in rounds:
+        out.append(f'<div class="round"><b>round {number + 1}</b>')
+        for clue in (c for c in game.get("clues", []) if c.get("round", 0) == number):
+            text = f'<q>{esc(clue["clue"])}</q>' if clue.get("clue") is not None else '<i class="bad">no clue (format broken)</i>'
+            out.append(f'<div class="clue {esc(clue.get("role"))}"><span class="who">{player_name(clue.get("seat"))} '
+                       f'<span class="role">{esc(clue.get("role"))}</span></span> {text}'
+                       f'<details><summary>reasoning ({esc(clue.get("tokens"))} tokens)</summary>'
+                       f'<pre>{esc(clue.get("reasoning", ""))}</pre></details></div>')
+        out.append("</div>")
+    votes = game.get("votes") or []
+    tally = ", ".join(f'{player_name(seat)}{" (spy)" if seat == spy else ""}: {count}' for seat, count in enumerate(votes))
+    out.append(f"<h4>decision</h4><p>votes per seat: {tally or '—'}</p>")
+    out.append("<table><tr><th>#</th><th>voter</th><th>vote</th><th>reward</th><th>advantage</th><th>completion</th></tr>")
+    for number, decision in enumerate(game.get("decisions", []), 1):
+        vote = decision.get("vote")
+        shown = player_name(vote) if isinstance(vote, int) else ("invalid" if vote is None else esc(vote))
+        mark = " right" if vote == spy else (" bad" if vote is None else "")
+        voter = decision.get("voter")
+        out.append(f'<tr><td>{number}</td><td>{player_name(voter) if isinstance(voter, int) else esc(voter)}</td>'
+                   f'<td class="vote{mark}">{shown}</td><td>{fmt(decision.get("reward"))}</td>'
+                   f'<td>{fmt(decision.get("advantage"))}</td><td><details><summary>{esc(decision.get("tokens"))} tokens'
+                   f'</summary><pre>{esc(decision.get("text", ""))}</pre></details></td></tr>')
+    out.append("</table></section>")
+    return "\n".join(out)
+
+
+def sample_evenly(items, count):
+    """Up to `count` items, evenly spaced, the first and the last included."""
+    if count <= 0 or not items:
+        return []
+    if len(items) <= count:
+        return list(items)
+    if count == 1:
+        return [items[-1]]
+    return [items[i] for i in sorted({round(k * (len(items) - 1) / (count - 1)) for k in range(count)})]
+
+
+def key_value_table(mapping):
+    items = "".join(f"<div><span>{esc(k)}</span> {esc(fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v))}</div>"
+                    for k, v in mapping.items())
+    return f'<div class="kv">{items}</div>'
+
+
+def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
+    """The HTML text and the curves PNG of a run folder."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics_path):
+        fail(f"no metrics.jsonl in {out_dir}: not a training run folder (run bash run.sh first)")
+    metrics, _ = read_jsonl(metrics_path)
+    if not metrics:
+        fail(f"{metrics_path} holds no complete line yet (run bash run.sh first)")
+    config, config_problem = read_json(os.path.join(out_dir, "config.json"))
+    config = config if isinstance(config, dict) else {}
+    evaluation, eval_problem = read_json(os.path.join(out_dir, "eval.json"))
+    curves = draw_curves(metrics, config)
+
+    games_dir = os.path.join(out_dir, "games")
+    logged = sorted((int(m.group(1)), name) for name in (os.listdir(games_dir) if os.path.isdir(games_dir) else [])
+                    if (m := re.fullmatch(r"iter_(\d+)\.jsonl", name)))
+    thumbnails = Thumbnails(thumbnail_px)
+    sections, options, sampled_notes = [], [], []
+    for iteration, name in sample_evenly(logged, max_iterations):
+        games, total = read_jsonl(os.path.join(games_dir, name), limit=games_per_iteration)
+        if not games:
+            continue
+        options.append(f'<option value="{iteration}">iteration {iteration} ({esc(games[0].get("stage"))})</option>')
+        sampled_notes.append(f"{iteration} ({len(games)}/{total})")
+        sections += [render_game(game, thumbnails) for game in games]
+
+    stages = [row.get("stage") for row in metrics]
+    switches = sum(a != b for a, b in zip(stages, stages[1:]))
+    last = metrics[-1]
+    summary = (f"{len(metrics)} iterations logged, {switches} stage switches, last stage: {esc(last.get('stage'))}; "
+               f"last acc_ema {fmt(last.get('acc_ema'))}, na_ema {fmt(last.get('na_ema'))}")
+    if isinstance(evaluation, dict):
+        eval_html = key_value_table(evaluation)
+    else:
+        eval_html = "<p>no evaluation yet</p>" if eval_problem == "missing" else f"<p>eval.json {esc(eval_problem)}</p>"
+    config_html = key_value_table(config) if config else f"<p>config.json {esc(config_problem or 'is empty')}</p>"
+    if sections:
+        games_note = (f"Games of {len(options)} of {len(logged)} logged iterations are embedded, at most "
+                      f"{games_per_iteration} per iteration (iteration (shown/played)): {', '.join(sampled_notes)}.")
+    else:
+        games_note = "No games logged in games/ yet."
+    columns = list(dict.fromkeys(key for row in metrics for key in row))
+    metric_rows = "".join(f'<tr data-iteration="{esc(row.get("iteration"))}">' + "".join(
+        f"<td>{esc(fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in metrics)
+    page = PAGE.format(
+        title=esc(f"Vision-Zero run {os.path.basename(os.path.abspath(out_dir))}"),
+        path=esc(os.path.abspath(out_dir)), summary=summary, eval_html=eval_html, config_html=config_html,
+        curves=base64.b64encode(curves).decode("ascii"), games_note=esc(games_note), options="".join(options),
+        games="\n".join(sections), columns="".join(f"<th>{esc(c)}</th>" for c in columns), metric_rows=metric_rows,
+        # JSON inside <script>: only base64 strings, but never let "</" end the element early
+        images=json.dumps(thumbnails.uris).replace("</", "<\\/"))
+    return page, curves
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1250px; padding: 0 1em; color: #222; }}
+h1 {{ margin-bottom: 0.2em; }} h2 {{ border-bottom: 2px solid #ddd; margin-top: 1.5em; }} h4 {{ margin: 1em 0 0.3em; }}
+.path {{ color: #777; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }}
+.kv {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 2px 1em; }}
+.kv div {{ border-bottom: 1px solid #eee; overflow-wrap: anywhere; }} .kv span {{ color: #666; }}
+.curves {{ width: 100%; max-width: 1170px; }}
+.metrics {{ overflow-x: auto; font-size: 12px; }}
+.browser {{ position: sticky; top: 0; background: #fff; padding: 0.5em 0; border-bottom: 1px solid #ddd; z-index: 2; }}
+.game {{ border: 1px solid #ccc; border-radius: 6px; padding: 0.2em 1em 1em; margin: 1em 0; }}
+.pair {{ display: flex; gap: 1.5em; flex-wrap: wrap; }} figure {{ margin: 0; }} figcaption {{ color: #555; }}
+.thumb {{ position: relative; width: 320px; }} .thumb img {{ width: 100%; display: block; }}
+.box {{ position: absolute; border: 2px solid #e00; box-shadow: 0 0 0 1px #fff; }}
+.missing, .blank {{ width: 320px; height: 200px; display: flex; align-items: center; justify-content: center; text-align: center;
+  border: 2px dashed #aaa; color: #777; background: #fafafa; overflow-wrap: anywhere; }}
+.blank {{ background: #fff; border-style: solid; }}
+.round {{ margin: 0.3em 0 0.6em; }}
+.clue {{ margin: 0.25em 0 0.25em 1em; padding: 0.2em 0.5em; border-left: 4px solid #4c72b0; }}
+.clue.spy, tr.spy {{ background: #fff0e0; border-color: #dd8452; }}
+.who {{ font-weight: bold; }} .role {{ font-weight: normal; color: #666; }}
+q, pre, td {{ unicode-bidi: isolate; }} summary {{ cursor: pointer; color: #555; }}
+pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; padding: 0.4em; margin: 0.2em 0; max-height: 20em; overflow-y: auto; }}
+.civ {{ color: #1a7f37; }} .spywin {{ color: #c0392b; }} .vote.right {{ color: #1a7f37; font-weight: bold; }} .bad {{ color: #c0392b; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<div class="path">{path}</div>
+<p>{summary}</p>
+<h2>evaluation</h2>
+{eval_html}
+<h2>config</h2>
+{config_html}
+<h2>curves</h2>
+<p>Background: <span style="color:#4c72b0">decision stage</span> / <span style="color:#dd8452">clue stage</span>;
+dashed lines: the thresholds of the stage switching rule.</p>
+<img class="curves" id="curves" alt="training curves" src="data:image/png;base64,{curves}">
+<h2 id="browse">games</h2>
+<p>{games_note}</p>
+<div class="browser">iteration <select id="iteration">{options}</select> game <select id="game"></select>
+<button id="prev">◀ previous</button> <button id="next">next ▶</button></div>
+<div id="games">
+{games}
+</div>
+<h2>all metrics</h2>
+<details><summary>one row per iteration</summary>
+<div class="metrics"><table id="metrics"><tr>{columns}</tr>{metric_rows}</table></div></details>
+<script type="application/json" id="images">{images}</script>
+<script>
+"use strict";
+// Show one game at a time, and decode its images only when it is first shown: a page with
+// hundreds of thumbnails still opens at once.
+const images = JSON.parse(document.getElementById("images").textContent);
+const games = Array.from(document.querySelectorAll("section.game"));
+const iterationSelect = document.getElementById("iteration");
+const gameSelect = document.getElementById("game");
+function show(section) {{
+  for (const game of games) game.hidden = game !== section;
+  if (!section) return;
+  for (const img of section.querySelectorAll("img[data-image]")) {{
+    if (!img.src) img.src = images[img.dataset.image];
+  }}
+}}
+function fillGames() {{
+  gameSelect.replaceChildren();
+  for (const game of games.filter(g => g.dataset.iteration === iterationSelect.value)) {{
+    gameSelect.add(new Option("game " + (Number(game.dataset.game) + 1), game.dataset.game));
+  }}
+  selectGame();
+}}
+function selectGame() {{
+  show(games.find(g => g.dataset.iteration === iterationSelect.value && g.dataset.game === gameSelect.value));
+}}
+function step(delta) {{
+  const flat = games.indexOf(games.find(g => !g.hidden)) + delta;
+  if (flat < 0 || flat >= games.length) return;
+  iterationSelect.value = games[flat].dataset.iteration;
+  fillGames();
+  gameSelect.value = games[flat].dataset.game;
+  selectGame();
+}}
+iterationSelect.addEventListener("change", fillGames);
+gameSelect.addEventListener("change", selectGame);
+document.getElementById("prev").addEventListener("click", () => step(-1));
+document.getElementById("next").addEventListener("click", () => step(1));
+fillGames();
+// read by the tests through chromium --dump-dom: set only when the script above ran cleanly
+document.body.dataset.report = "ready";
+document.body.dataset.shownImages = document.querySelectorAll("img[src^='data:']").length;
+// where the game browser starts: test_report.py crops the README screenshot there
+document.body.dataset.browseTop = document.getElementById("browse").offsetTop;
+</script>
+</body></html>
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write OUT_DIR/report.html and OUT_DIR/curves.png for a Vision-Zero run folder.")
+    parser.add_argument("out_dir", help="the run folder (the --out of rlvr.py / spo.py), with metrics.jsonl in it")
+    parser.add_argument("--max-iterations", type=int, default=20, help="embed the games of at most this many iterations, evenly spaced")
+    parser.add_argument("--games-per-iteration", type=int, default=8, help="embed at most this many games of each sampled iteration")
+    parser.add_argument("--thumbnail", type=int, default=320, help="longest side in pixels of the embedded image thumbnails")
+    args = parser.parse_args()
+    page, curves = build_report(args.out_dir, args.max_iterations, args.games_per_iteration, args.thumbnail)
+    with open(os.path.join(args.out_dir, "curves.png"), "wb") as f:
+        f.write(curves)
+    report_path = os.path.join(args.out_dir, "report.html")
+    with open(report_path, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {report_path} ({len(page.encode('utf-8')) / 1e6:.2f} MB) and {os.path.join(args.out_dir, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main()
