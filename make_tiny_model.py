@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
 CLUE_WORDS = (
     "a an the is are there one two three four five six left right front back middle center top bottom "
     "large small big tiny shiny matte metal rubber metallic gray red blue green brown purple cyan yellow "
-    "white black orange pink cube cubes sphere spheres ball cylinder cylinders object objects block "
+    "white black orange pink cube cubes sphere spheres ball cylinder cylinders square squares object objects block yes no Player Round Is "
     "bar bars line lines pie slice chart value values highest lowest tallest shortest year month "
     "quarter sales share percent photo person sky table cup tree car building I think player spy "
     "civilian clue vote because my picture shows see near next to behind beside of and with in on"
@@ -58,7 +58,7 @@ def train_tokenizer(vocab_size):
             corpus.append(selfplay.game_rules(4, domain, spy_image))
         corpus.append(selfplay.CLUE_FORMAT.format(example=selfplay.CLUE_EXAMPLES[domain]))
     corpus += [selfplay.CIVILIAN_TASK, selfplay.SPY_TASK, selfplay.JUDGE_TASK,
-               selfplay.VOTER_TASK.format(seat=1), selfplay.VOTE_FORMAT.format(),
+               selfplay.VOTER_TASK.format(seat=1), selfplay.VOTE_FORMAT,
                "Clues so far:\nRound 1: Player 1: \"\" Player 2: \"\"\nYour private notes from earlier rounds:\n"
                "This is round 1 of 2. All clues: (no clues yet) \\boxed{N/A} \\boxed{1}"]
     bpe = Tokenizer(models.BPE())

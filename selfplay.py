@@ -34,7 +34,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # -----------------------------------------------------------------------------
@@ -51,12 +50,15 @@ DOMAIN_RULES = {
     "were swapped.",
     "photo": "The spy's photo is the same photo, except that some objects or parts of the "
     "scene differ.",
+    "cells": "The spy's picture shows the same coloured squares in the same places, except that "
+    "two squares have another colour.",
 }
 BLANK_RULE = "The spy sees only an empty picture and must guess the scene from the clues."
 CLUE_EXAMPLES = {
     "clevr": "\\boxed{A large shiny red cylinder stands at the back on the left.}",
     "chart": "\\boxed{The tallest bar belongs to the third quarter.}",
     "photo": "\\boxed{A white cup sits on the left side of the table.}",
+    "cells": "\\boxed{a red square}",
 }
 CIVILIAN_TASK = (
     "You are a civilian. Give one specific, true feature of your picture that no earlier clue "
@@ -80,8 +82,8 @@ VOTER_TASK = (
     "picture. Decide which other player is the spy: the one whose clues do not fit your picture."
 )
 VOTE_FORMAT = (
-    "Reason briefly, then answer with the spy's seat number inside \\boxed{{}}, for example "
-    "\\boxed{{2}}, or \\boxed{{N/A}} if you cannot tell."
+    "Reason briefly, then answer with the spy's seat number inside \\boxed{}, for example "
+    "\\boxed{2}, or \\boxed{N/A} if you cannot tell."
 )
 ROLE_NAMES = ("civilian", "spy")
 
@@ -397,7 +399,8 @@ def token_logprobs(model, inputs, completion_ids):
     used for the policy, the old policy and the reference."""
     width = completion_ids.shape[1]
     logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float()
-    return torch.gather(F.log_softmax(logits, -1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    # gather - logsumexp: the same value as log_softmax without a second [B, T, vocab] tensor
+    return logits.gather(2, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 # -----------------------------------------------------------------------------

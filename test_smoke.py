@@ -219,22 +219,32 @@ def test_kl_to_reference_is_zero_before_the_first_update(tiny_model, pairs_dir, 
 
 
 def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
-    """Reward = share of completion tokens with an even id: a dense, checkable reward. A few dozen
-    steps of rlvr's group advantages + the loss must raise it (catches sign, mask and alignment bugs)."""
+    """Reward = share of completion tokens with an even id: dense and checkable. Fifty steps of
+    rlvr's group advantages + the loss must raise the policy's probability of even tokens
+    (catches sign, mask and alignment bugs). Measured exactly, on fixed prompts, not by sampling."""
     torch.manual_seed(0)
     cfg = game_cfg(model=tiny_model, max_new_tokens=4, kl=0.0)
     policy, processor = trainer.build_policy(cfg)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
     pairs = selfplay.read_pairs(pairs_dir, "train")
-    history = []
-    for _ in range(30):
+    probe = sample_turns(processor, pairs, 4)
+    for turn in probe:
+        turn.completion_ids = [0]  # any token: only the distribution at the first position is read
+
+    def even_mass():
+        batch, _, _ = selfplay.completion_batch(processor, probe, "cpu")
+        with torch.no_grad():
+            first = policy.model(**batch).logits[:, -2].softmax(-1)  # the prediction of completion token 1
+        return first[:, 0::2].sum(-1).mean().item()
+
+    before = even_mass()
+    for _ in range(50):
         turns = sample_turns(processor, pairs, 16)
         selfplay.generate(policy, processor, turns, cfg)
         rewards = [sum(t % 2 == 0 for t in turn.completion_ids) / len(turn.completion_ids) for turn in turns]
-        history.append(sum(rewards) / len(rewards))
         trainer.train_step(policy, None, optimizer, processor, turns, rlvr.group_advantages(rewards), cfg, lr=3e-3)
-    start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
-    assert end > start + 0.25, f"reward went from {start:.2f} to {end:.2f}"
+    after = even_mass()
+    assert after > before + 0.3, f"probability of an even token went from {before:.2f} to {after:.2f}"
 
 
 def test_play_games_records_every_turn(tiny_model, pairs_dir):
@@ -267,6 +277,7 @@ def test_prompts_follow_the_game(tiny_model, pairs_dir):
     assert 'Player 1: "A red cube."' in civilian_prompt and "round 2 of 2" in civilian_prompt
     judge = selfplay.decision_prompt(game, None, cfg)
     assert "Hmm, red" not in judge and "Secret plan" not in judge and "Some objects." in judge
+    assert "\\boxed{2}" in judge and "{{" not in judge + spy_prompt
     assert selfplay.BLANK_RULE in selfplay.game_rules(4, "chart", "blank")
 
 
