@@ -133,6 +133,13 @@ def test_bias_corrected_ema_reads_the_first_value():
     assert state["acc_ema"] == pytest.approx(0.05 * 0.92 * 0.95 + 0.05 * 0.92)
 
 
+def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i}) + "\n" for i in range(1, 6)))
+    trainer.trim_log(str(log), 3)
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
 # -----------------------------------------------------------------------------
 # Parsers
 

@@ -288,6 +288,24 @@ def parse_args(stage):
     return cfg
 
 
+def batch_metrics(games, cfg):
+    """What one batch of played games says, for both stages whichever one trained."""
+    spy_rewards = [g.rewards[g.spy] for g in games]
+    civilian_rewards = [r for g in games for seat, r in enumerate(g.rewards) if seat != g.spy]
+    clues = [t for g in games for t in g.clues]
+    decisions = [t for g in games for t in g.decisions]
+    return {
+        **selfplay.decision_stats(games),
+        "reward_spy": sum(spy_rewards) / len(spy_rewards),
+        "reward_civilian": sum(civilian_rewards) / len(civilian_rewards),
+        "reward_decision": sum(t.reward for t in decisions) / len(decisions),
+        "clue_format_rate": sum(t.parsed is not None for t in clues) / len(clues),
+        "spy_found_rate": sum(g.spy_found(cfg.players) for g in games) / len(games),
+        "clue_tokens": sum(len(t.completion_ids) for t in clues) / len(clues),
+        "decision_tokens": sum(len(t.completion_ids) for t in decisions) / len(decisions),
+    }
+
+
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -343,46 +361,34 @@ def main(stage):
                                                   cfg, learning_rate(iteration, cfg))
         updated = time.time()
 
-        stats = selfplay.decision_stats(games)
-        update_decision_emas(state, stats["acc"], stats["na"], cfg)
+        batch = batch_metrics(games, cfg)
+        update_decision_emas(state, batch["acc"], batch["na"], cfg)
         state["iteration"], state["dwell"] = iteration, state["dwell"] + 1
-        spy_r = [g.rewards[g.spy] for g in games]
-        civ_r = [r for g in games for seat, r in enumerate(g.rewards) if seat != g.spy]
-        clue_lengths = [len(t.completion_ids) for g in games for t in g.clues]
-        decision_lengths = [len(t.completion_ids) for g in games for t in g.decisions]
+        following = scheduled_stage(state, cfg)
         metrics = {
-            "iteration": iteration, "stage": stage, **stats,
+            "iteration": iteration, "stage": stage, **batch,
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
             "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
-            "reward_spy": sum(spy_r) / len(spy_r), "reward_civilian": sum(civ_r) / len(civ_r),
-            "reward_decision": sum(d.reward for g in games for d in g.decisions) / len(decision_lengths),
             "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
-            "lr": learning_rate(iteration, cfg),
-            "clue_format_rate": sum(t.parsed is not None for g in games for t in g.clues) / len(clue_lengths),
-            "spy_found_rate": sum(g.spy_found(cfg.players) for g in games) / len(games),
-            "clue_tokens": sum(clue_lengths) / len(clue_lengths),
-            "decision_tokens": sum(decision_lengths) / len(decision_lengths),
-            "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
+            "lr": learning_rate(iteration, cfg), "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
+            "seconds": time.time() - started,
         }
+        # log first, then checkpoint: a crash in between leaves lines that trim_log drops on resume
         with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
             for g, game in enumerate(games):
-                record = selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)
-                f.write(json.dumps(record) + "\n")
-
-        following = scheduled_stage(state, cfg)
+                f.write(json.dumps(selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)) + "\n")
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
         if following != stage:
             state["stage"], state["dwell"] = following, 0
         finished = following != stage or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             save_checkpoint(cfg.out, policy, processor, optimizer, state)
-        metrics["seconds"] = time.time() - started
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
         if skipped:
             tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
         bar.update(1)
-        bar.set_postfix(acc=f"{stats['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{stats['na']:.2f}", next=following)
+        bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
         if finished:
             break
     bar.close()
