@@ -7,6 +7,8 @@ Three domains:
   chart  bar / line / pie charts drawn with matplotlib; two values are swapped
   photo  your own photos with local edits (recolour, remove, duplicate, mirror a region),
          or ready-made pairs imported from a folder
+  cells  flat squares in the cells of a 4x4 grid of 28 px, k squares change colour: a domain a
+         tiny CPU model can perceive (one square per visual token); not for real models
 
 Output layout (the same for every domain; an existing DIR is reused and files with the
 same names are overwritten):
@@ -22,6 +24,7 @@ same names are overwritten):
 Commands:
   python make_games.py --domain clevr --n 2000 --out games/clevr
   python make_games.py --domain chart --n 2000 --out games/chart
+  python make_games.py --domain cells --n 2000 --out games/cells
   python make_games.py --domain photo --src my_photos/ --n 500 --out games/photo
   python make_games.py --domain photo --pairs released_pairs/ --out games/imported
 
@@ -406,6 +409,58 @@ def make_clevr_pair(rng, index, args):
 
 
 # -----------------------------------------------------------------------------
+# cells: flat squares on a grid whose cells line up with a tiny VLM's visual tokens
+
+CELL_COLOURS = {  # far apart in RGB, so that a tiny vision tower tells them apart in minutes
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 70, 230), "yellow": (240, 220, 30),
+    "cyan": (40, 210, 220), "purple": (140, 40, 190), "gray": (128, 128, 128), "brown": (130, 75, 20),
+}
+CELL_SIZE = 28  # Qwen2.5-VL: patch 14, merge 2 -> one visual token per 28x28 cell
+CELL_MARGIN = 4  # background around each square, so that neighbours never touch
+
+
+def make_cells_pair(rng, index, args):
+    """Squares of different colours in random cells of a grid (one square per visual token of a
+    Qwen2.5-VL at 112x112); the copy gives args.changes of them a colour the scene does not have."""
+    width, height = args.size
+    columns, rows = width // CELL_SIZE, height // CELL_SIZE
+    n_objects = int(rng.integers(args.min_objects, args.max_objects + 1))
+    if n_objects + args.changes > len(CELL_COLOURS) or n_objects > columns * rows:
+        raise PairSkipped("too many objects", f"{n_objects} objects + {args.changes} changes do not fit "
+                          f"{len(CELL_COLOURS)} colours and {columns}x{rows} cells")
+    names = list(CELL_COLOURS)
+    palette = [names[i] for i in rng.permutation(len(names))]
+    colours, unused = palette[:n_objects], palette[n_objects:]  # every object its own colour
+    cells = sorted(int(c) for c in rng.choice(columns * rows, n_objects, replace=False))
+    changed = sorted(int(i) for i in rng.choice(n_objects, args.changes, replace=False))
+    new_colours = dict(zip(changed, unused))  # a colour the original lacks: a clue naming it is false
+
+    def draw(colour_of):
+        image = np.full((height, width, 3), 255, np.uint8)
+        for i, cell in enumerate(cells):
+            row, column = divmod(cell, columns)
+            y, x = row * CELL_SIZE + CELL_MARGIN, column * CELL_SIZE + CELL_MARGIN
+            image[y:y + CELL_SIZE - 2 * CELL_MARGIN, x:x + CELL_SIZE - 2 * CELL_MARGIN] = CELL_COLOURS[colour_of(i)]
+        return image
+
+    def record(i, colour):
+        row, column = divmod(cells[i], columns)
+        x0, y0 = column * CELL_SIZE + CELL_MARGIN, row * CELL_SIZE + CELL_MARGIN
+        return {"shape": "square", "colour": colour, "cell": [row, column],
+                "bbox": [x0, y0, x0 + CELL_SIZE - 2 * CELL_MARGIN, y0 + CELL_SIZE - 2 * CELL_MARGIN]}
+
+    original = draw(lambda i: colours[i])
+    modified = draw(lambda i: new_colours.get(i, colours[i]))
+    reason = check_pair(original, modified, args)
+    if reason:
+        raise PairSkipped("bad pair", reason)
+    source = {"grid": [rows, columns], "objects": [record(i, c) for i, c in enumerate(colours)]}
+    changes = [{"what": f"object {i}", "before": record(i, colours[i]), "after": record(i, new_colours[i]),
+                "bbox": record(i, colours[i])["bbox"]} for i in changed]
+    return original, modified, source, changes
+
+
+# -----------------------------------------------------------------------------
 # chart: matplotlib bar / grouped bar / line / pie charts; two values swap places
 
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -723,7 +778,7 @@ def import_pair(rng, index, args):
 # -----------------------------------------------------------------------------
 # the run: parse flags, make the pairs in worker processes, write pairs.jsonl
 
-MAKERS = {"clevr": make_clevr_pair, "chart": make_chart_pair, "photo": make_photo_pair, "import": import_pair}
+MAKERS = {"clevr": make_clevr_pair, "cells": make_cells_pair, "chart": make_chart_pair, "photo": make_photo_pair, "import": import_pair}
 _args = None  # the parsed flags, set in every worker process
 
 
@@ -752,20 +807,20 @@ def make_pair(index):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description="Make 'Who is the spy?' image pairs for Vision-Zero.")
-    parser.add_argument("--domain", required=True, choices=["clevr", "chart", "photo"], help="kind of images to make")
+    parser.add_argument("--domain", required=True, choices=["clevr", "chart", "photo", "cells"], help="kind of images to make")
     parser.add_argument("--n", type=int, help="number of pairs (default with --src: one per photo; --pairs: all)")
     parser.add_argument("--out", required=True, help="output folder; existing files of the same name are overwritten")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed and flags give the same bytes")
-    parser.add_argument("--size", default="480x320", help="WxH of clevr and chart images")
+    parser.add_argument("--size", help="WxH of clevr and chart images (default 480x320) and cells images (default 112x112)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes to use (default: every core)")
     parser.add_argument("--tries", type=int, default=20, help="attempts per pair before it is skipped")
     parser.add_argument("--min-change", type=float, default=0.003, help="least fraction of pixels that must change")
     parser.add_argument("--max-change", type=float, default=0.25, help="largest fraction of pixels that may change")
     parser.add_argument("--pixel-threshold", type=int, default=16,
                         help="a pixel has changed if a channel differs by more than this (0-255)")
-    parser.add_argument("--min-objects", type=int, default=4, help="clevr: fewest objects in a scene")
-    parser.add_argument("--max-objects", type=int, default=6, help="clevr: most objects in a scene")
-    parser.add_argument("--changes", type=int, default=2, help="clevr: objects that change colour and shape")
+    parser.add_argument("--min-objects", type=int, help="clevr/cells: fewest objects in a scene (default 4 / 3)")
+    parser.add_argument("--max-objects", type=int, help="clevr/cells: most objects in a scene (default 6 / 3)")
+    parser.add_argument("--changes", type=int, default=2, help="clevr: objects that change colour and shape; cells: colour")
     parser.add_argument("--min-visible", type=int, default=150,
                         help="clevr: visible pixels every object needs (changed ones in both images); "
                              "lower it for a small --size")
@@ -774,6 +829,10 @@ def parse_args(argv):
     parser.add_argument("--import-domain", default="photo", help="with --pairs: the domain written in pairs.jsonl")
     parser.add_argument("--long-side", type=int, default=640, help="photo: larger photos are shrunk to this long side")
     args = parser.parse_args(argv)
+    cells = args.domain == "cells"  # a tiny model's domain: 112x112, one square per visual token
+    args.size = args.size or ("112x112" if cells else "480x320")
+    args.min_objects = args.min_objects or (3 if cells else 4)
+    args.max_objects = args.max_objects or (3 if cells else 6)
     try:
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
         assert len(args.size) == 2 and min(args.size) >= MIN_SIDE
@@ -785,7 +844,7 @@ def parse_args(argv):
         die(f"--workers and --tries must be at least 1 and --long-side at least {MIN_SIDE}")
     if not 0 <= args.min_change < args.max_change <= 1:
         die("need 0 <= --min-change < --max-change <= 1 (fractions of the pixels)")
-    if args.domain == "clevr" and not 1 <= args.changes <= args.min_objects <= args.max_objects:
+    if args.domain in ("clevr", "cells") and not 1 <= args.changes <= args.min_objects <= args.max_objects:
         die("need 1 <= --changes <= --min-objects <= --max-objects")
     if args.domain == "photo" and bool(args.src) == bool(args.pairs):
         die("--domain photo needs exactly one of --src PHOTO_FOLDER (edit photos) or --pairs FOLDER (import pairs)")
