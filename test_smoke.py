@@ -330,6 +330,18 @@ def test_unreadable_pair_is_skipped(pairs_dir, tmp_path):
     assert sorted(p["id"] for p in kept) == sorted(json.loads(l)["id"] for l in lines[1:])
 
 
+def test_released_dataset_layout_reads_without_pairs_jsonl(pairs_dir, tmp_path):
+    """A folder of <id>_original.png / <id>_modified.png (the released datasets) needs no index."""
+    for i in range(30):
+        for kind in ("original", "modified"):
+            os.link(os.path.join(pairs_dir, "images", f"{i % 20:06d}_{kind}.png"), tmp_path / f"x{i}_{kind}.png")
+    (tmp_path / "x99_original.png").write_bytes((tmp_path / "x0_original.png").read_bytes())  # no twin: ignored
+    train, held_out = selfplay.read_pairs(str(tmp_path), "train"), selfplay.read_pairs(str(tmp_path), "eval")
+    assert sorted(p["id"] for p in train + held_out) == sorted(f"x{i}" for i in range(30))
+    assert train and held_out and not {p["id"] for p in train} & {p["id"] for p in held_out}
+    assert all(p["modified"].endswith(p["id"] + "_modified.png") for p in train)
+
+
 def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "run"
     env = {"MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
