@@ -831,8 +831,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     cells = args.domain == "cells"  # a tiny model's domain: 112x112, one square per visual token
     args.size = args.size or ("112x112" if cells else "480x320")
-    args.min_objects = args.min_objects or (3 if cells else 4)
-    args.max_objects = args.max_objects or (3 if cells else 6)
+    args.min_objects = (3 if cells else 4) if args.min_objects is None else args.min_objects
+    args.max_objects = (3 if cells else 6) if args.max_objects is None else args.max_objects
     try:
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
         assert len(args.size) == 2 and min(args.size) >= MIN_SIDE
@@ -846,6 +846,10 @@ def parse_args(argv):
         die("need 0 <= --min-change < --max-change <= 1 (fractions of the pixels)")
     if args.domain in ("clevr", "cells") and not 1 <= args.changes <= args.min_objects <= args.max_objects:
         die("need 1 <= --changes <= --min-objects <= --max-objects")
+    if cells and (args.max_objects + args.changes > len(CELL_COLOURS)
+                  or args.max_objects > (args.size[0] // CELL_SIZE) * (args.size[1] // CELL_SIZE)):
+        die(f"cells: --max-objects + --changes must be at most {len(CELL_COLOURS)} (every square its own colour, "
+            f"new colours unused) and --max-objects at most the {CELL_SIZE}-px cells of --size")
     if args.domain == "photo" and bool(args.src) == bool(args.pairs):
         die("--domain photo needs exactly one of --src PHOTO_FOLDER (edit photos) or --pairs FOLDER (import pairs)")
     if args.domain != "photo" and (args.src or args.pairs):

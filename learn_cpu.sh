@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
+# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured so far: not yet (README_learning.md).
+#
+#   bash learn_cpu.sh                                  # everything below, one command
+#   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
+#
+# 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens)
+# 2. 2,000 cells pairs (make_games.py --domain cells): squares on a grid, two change colour
+# 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once)
+# 4. the warm start evaluated against itself on the held-out games (the baseline)
+# 5. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
+#    evaluate.py (trained vs the frozen warm start, held-out pairs) and report.py
+# 6. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
+# Every step is skipped when its output exists, so a rerun continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=${OUT:-runs/learn-cpu}
+DATA=${DATA:-games/cells}
+ITERATIONS=${ITERATIONS:-150}
+SEEDS=${SEEDS:-"0 1 2"}
+SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : warm start and baseline only
+EVAL_GAMES=${EVAL_GAMES:-200}
+WARM_STEPS=${WARM_STEPS:-3000}
+THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
+export OMP_NUM_THREADS=$THREADS
+# short turns (a clue is "\boxed{a red square}", a vote "\boxed{3}"), full fine-tune, no KL
+# (the tiny model has no pretrained knowledge to protect), the paper's K_min and patience
+RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 3e-4 --kl 0 --k-min 5 --patience 20 --micro-batch 32"
+
+mkdir -p "$OUT"
+if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
+  python3 make_tiny_model.py --out "$OUT/tiny-vlm" --hidden 192 --layers 3 --heads 4 --vision-hidden 96 \
+    --vision-depth 3 --vocab-size 768 --min-pixels 12544 --max-pixels 12544
+fi
+if [ ! -f "$DATA/pairs.jsonl" ]; then
+  python3 make_games.py --domain cells --n 2000 --out "$DATA"
+fi
+python3 warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
+  --threads "$THREADS"
+
+run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
+  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES=16 \
+    SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=0 EXTRA="$RL_FLAGS --seed $2" bash run.sh
+}
+
+# the baseline: a run folder whose checkpoint is the warm start itself, evaluated like the others
+if [ ! -f "$OUT/warm-start-eval/eval.json" ]; then
+  python3 - "$OUT" "$DATA" "$RL_FLAGS" <<'EOF'
+import json, os, sys
+out, data, flags = sys.argv[1], sys.argv[2], sys.argv[3].split()
+import trainer
+sys.argv = ["rlvr.py", "--model", os.path.join(out, "warm-start"), "--data", data, "--out", "-",
+            "--lora-rank", "0", *flags]
+cfg = trainer.parse_args("decision")
+folder = os.path.join(out, "warm-start-eval")
+os.makedirs(folder, exist_ok=True)
+cfg.out, cfg.dtype = folder, str(cfg.dtype)
+trainer.write_json_atomic(os.path.join(folder, "config.json"), vars(cfg))
+link = os.path.join(folder, "ckpt-000000")
+if not os.path.exists(link):
+    os.symlink(os.path.abspath(os.path.join(out, "warm-start")), link)
+with open(os.path.join(folder, "latest"), "w") as f:
+    f.write("ckpt-000000")
+EOF
+  python3 evaluate.py --out "$OUT/warm-start-eval" --games "$EVAL_GAMES"
+fi
+
+for schedule in $SCHEDULES; do
+  for seed in $SEEDS; do
+    run_rl "$schedule" "$seed"
+  done
+done
+
+python3 - "$OUT" <<'EOF'
+import glob, json, os, statistics, sys
+out = sys.argv[1]
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+base = load(os.path.join(out, "warm-start-eval", "eval.json"))
+rows = ["| model | runs | held-out decision accuracy | win rate vs warm start | spy found (as civilians) |",
+        "|---|---|---|---|---|",
+        f"| warm start (itself) | 1 | {base['decision_acc']:.3f} | {base['win_rate']:.3f} | {base['win_rate_civilian_side']:.3f} |"]
+for schedule in ("iterative", "decision", "clue"):
+    evals = [load(p) for p in sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "eval.json")))]
+    if not evals:
+        continue
+    def cell(key):
+        values = [e[key] for e in evals]
+        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.3f}{spread}"
+    rows.append(f"| {schedule} | {len(evals)} | {cell('decision_acc')} | {cell('win_rate')} | {cell('win_rate_civilian_side')} |")
+table = "\n".join(rows)
+with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table + "\n")
+print(table)
+
+# training decision accuracy of every run (10-iteration moving mean), one colour per schedule
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
+    for k, path in enumerate(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "metrics.jsonl")))):
+        with open(path) as f:
+            acc = [json.loads(line)["acc"] for line in f if line.strip()]
+        smooth = [sum(acc[max(0, i - 9):i + 1]) / len(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
+        ax.plot(range(1, len(acc) + 1), smooth, colour, alpha=0.8, label=schedule if k == 0 else None)
+ax.axhline(base["decision_acc"], color="gray", ls="--", label="warm start (held-out)")
+ax.axhline(0.25, color="black", ls=":", lw=0.8, label="chance (1 of 4 seats)")
+ax.set_xlabel("iteration")
+ax.set_ylabel("judge accuracy (10-it mean)")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(os.path.join(out, "schedules.png"), dpi=120)
+print(f"wrote {os.path.join(out, 'results.md')} and {os.path.join(out, 'schedules.png')}")
+EOF

@@ -1,0 +1,73 @@
+"""Tests of the tiny-model groundwork for learning on a CPU: the cells domain and warm_start.py.
+
+    python -m pytest -q test_warm_start.py
+
+Whether the tiny model then learns the game is measured by `bash learn_cpu.sh` (hours, not a
+test); README.md, "Does a tiny model learn the game on a CPU?", has the numbers: not yet.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import make_games
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_cells_pairs_line_up_with_visual_tokens_and_change_to_new_colours():
+    args = make_games.parse_args(["--domain", "cells", "--n", "1", "--out", "unused"])
+    assert args.size == (112, 112) and args.min_objects == args.max_objects == 3
+    for seed in range(20):
+        original, modified, source, changes = make_games.make_cells_pair(np.random.default_rng(seed), 0, args)
+        colours = [o["colour"] for o in source["objects"]]
+        assert len(set(colours)) == 3 and len(changes) == 2
+        for change in changes:
+            x0, y0, x1, y1 = change["bbox"]
+            assert x0 // 28 == (x1 - 1) // 28 and y0 // 28 == (y1 - 1) // 28  # inside one visual token's cell
+            assert change["after"]["colour"] not in colours  # a clue naming it is false for the civilians
+            assert (modified[y0:y1, x0:x1] == make_games.CELL_COLOURS[change["after"]["colour"]]).all()
+        diff = (original != modified).any(axis=2)
+        inside = np.zeros_like(diff)
+        for change in changes:
+            x0, y0, x1, y1 = change["bbox"]
+            inside[y0:y1, x0:x1] = True
+        assert diff.any() and not (diff & ~inside).any()
+
+
+@pytest.fixture(scope="module")
+def cells_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cells"))
+    subprocess.run([sys.executable, "make_games.py", "--domain", "cells", "--n", "40", "--out", out, "--workers", "1"],
+                   cwd=HERE, check=True, capture_output=True)
+    return out
+
+
+def warm_start(model, data, out):
+    return subprocess.run([sys.executable, "warm_start.py", "--model", model, "--data", data, "--out", out,
+                           "--steps", "4", "--batch", "4", "--game-batch", "2", "--warmup", "2", "--threads", "1"],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def test_warm_start_is_deterministic_cached_and_loadable(tiny_model, cells_dir, tmp_path):
+    from safetensors.torch import load_file
+    import selfplay
+    first, second = warm_start(tiny_model, cells_dir, str(tmp_path / "a")), warm_start(tiny_model, cells_dir, str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    start = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)  # seeded: the same flags give the same weights
+    assert any((a[k] != start[k]).any() for k in a)  # and it did train
+    assert json.load(open(tmp_path / "a" / "warm_start.json"))["steps"] == 4
+    again = warm_start(tiny_model, cells_dir, str(tmp_path / "a"))
+    assert again.returncode == 0 and "nothing to do" in again.stdout  # the cache: it runs once
+    processor = selfplay.load_processor(str(tmp_path / "a"))  # a normal model folder
+    assert selfplay.load_model(str(tmp_path / "a"), "cpu", None) is not None and processor.tokenizer is not None
+
+
+def test_warm_start_refuses_a_folder_without_cells_pairs(tiny_model, pairs_dir, tmp_path):
+    result = warm_start(tiny_model, pairs_dir, str(tmp_path / "w"))
+    assert result.returncode != 0 and "no cells training pairs" in result.stderr and "Traceback" not in result.stderr
