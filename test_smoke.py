@@ -6,6 +6,7 @@ model's log-probs and KL, a learning check, and run.sh end to end with resume.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -322,7 +323,7 @@ def test_unreadable_pair_is_skipped(pairs_dir, tmp_path):
     for line in lines:
         pair = json.loads(line)
         for key in ("original", "modified"):
-            os.link(os.path.join(pairs_dir, pair[key]), data / pair[key])
+            shutil.copy(os.path.join(pairs_dir, pair[key]), data / pair[key])  # a copy: the fixture stays intact
     (data / json.loads(lines[0])["modified"]).write_bytes(b"not a png")
     with open(data / "pairs.jsonl", "w") as f:
         f.write("\n".join(lines) + "\n")
