@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clevr_render
 import make_games
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +109,7 @@ def test_other_seed_other_pairs(tmp_path):
 def scene_from_source(source, objects):
     """The renderer's scene from the pairs.jsonl records of the objects."""
     return {"objects": [{"shape": o["shape"], "colour": o["colour"], "material": o["material"], "size": o["size"],
-                         "r": make_games.CLEVR_SIZES[o["size"]], "x": o["position"][0], "y": o["position"][1],
+                         "r": clevr_render.CLEVR_SIZES[o["size"]], "x": o["position"][0], "y": o["position"][1],
                          "angle": math.radians(o["rotation_deg"])} for o in objects],
             "camera": source["camera"], "lights": source["lights"]}
 
@@ -125,7 +126,7 @@ def test_clevr_changes_colour_and_shape_and_boxes_cover_them(seed):
     for a in range(len(objects)):  # footprints (the same circle for every shape of a size) never overlap
         for b in range(a):
             distance = math.dist(objects[a]["position"][:2], objects[b]["position"][:2])
-            assert distance > make_games.CLEVR_SIZES[objects[a]["size"]] + make_games.CLEVR_SIZES[objects[b]["size"]]
+            assert distance > clevr_render.CLEVR_SIZES[objects[a]["size"]] + clevr_render.CLEVR_SIZES[objects[b]["size"]]
     edited = [dict(o) for o in source["objects"]]
     for change in changes:
         before, after = change["before"], change["after"]
@@ -136,7 +137,7 @@ def test_clevr_changes_colour_and_shape_and_boxes_cover_them(seed):
         edited[int(change["what"].split()[1])] = after
     # the metadata alone re-renders both images
     for objects, image in ((source["objects"], original), (edited, modified)):
-        rendered, _ = make_games.render_clevr(scene_from_source(source, objects), *args.size)
+        rendered, _ = clevr_render.render_clevr(scene_from_source(source, objects), *args.size)
         assert make_games.changed_mask(rendered, image, 16).mean() < 0.002
 
 
