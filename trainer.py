@@ -357,8 +357,8 @@ def main(stage):
             turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
         else:
             turns, advantages = rlvr.decision_samples(games, cfg)
-        loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages,
-                                                  cfg, learning_rate(iteration, cfg))
+        lr = learning_rate(iteration, cfg)
+        loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
 
         batch = batch_metrics(games, cfg)
@@ -370,7 +370,7 @@ def main(stage):
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
             "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
             "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
-            "lr": learning_rate(iteration, cfg), "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
+            "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
             "seconds": time.time() - started,
         }
