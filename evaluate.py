@@ -11,6 +11,9 @@ from the held-out split of the data folder (read_pairs(..., "eval"): never used 
 
 Writes OUT/eval.json: games, win_rate (of the trained model; 0.5 = no better than the start),
 the win rate on each side, the decision accuracy and N/A rate of each model when it decides.
+The games the trained model decided are then played once more by the initial model on both
+sides: decision_acc_baseline is the start's accuracy in exactly those games (pairs and spy
+seats), so decision_acc - decision_acc_baseline is what training changed.
 """
 import argparse
 import json
@@ -53,28 +56,37 @@ def main():
     trained, processor = trainer.build_policy(cfg, checkpoint)
     reference = trainer.reference_policy(trained, cfg)
     rng = random.Random(args.seed)
-    torch.manual_seed(args.seed)
     order = [pairs[k % len(pairs)] for k in range(args.games)]
     trained_civilians = [k % 2 == 0 for k in range(args.games)]  # alternate sides: half and half
     spy_seats = [rng.randrange(cfg.players) for _ in order]
-    games = []
-    for start in tqdm(range(0, args.games, args.batch), desc="evaluate", unit="batch"):
-        sides = [(trained, reference) if t else (reference, trained) for t in trained_civilians[start:start + args.batch]]
-        played, _ = selfplay.play_games(order[start:start + args.batch], spy_seats[start:start + args.batch],
-                                        sides, processor, cfg)
-        games += played
+
+    def play(indices, sides_of, desc):  # games `indices` in batches; sides_of(k) = (civilians, spy) of game k
+        games = []
+        for start in tqdm(range(0, len(indices), args.batch), desc=desc, unit="batch"):
+            batch = indices[start:start + args.batch]
+            torch.manual_seed(args.seed + batch[0])  # reproducible, whatever ran before
+            played, _ = selfplay.play_games([order[k] for k in batch], [spy_seats[k] for k in batch],
+                                            [sides_of(k) for k in batch], processor, cfg)
+            games += played
+        return games
+
+    games = play(list(range(args.games)), lambda k: (trained, reference) if trained_civilians[k] else (reference, trained),
+                 "evaluate")
 
     as_civilians = [g for g, t in zip(games, trained_civilians) if t]
     as_spy = [g for g, t in zip(games, trained_civilians) if not t]
     civilian_wins = sum(g.spy_found(cfg.players) for g in as_civilians)
     spy_wins = sum(not g.spy_found(cfg.players) for g in as_spy)
     trained_stats, reference_stats = selfplay.decision_stats(as_civilians), selfplay.decision_stats(as_spy)
+    # the trained civilians' games replayed by the initial model alone: the accuracy it started from
+    replayed = play([k for k in range(args.games) if trained_civilians[k]], lambda k: (reference, reference), "baseline")
     result = {
         "games": len(games), "win_rate": (civilian_wins + spy_wins) / len(games),
         "win_rate_civilian_side": civilian_wins / len(as_civilians), "win_rate_spy_side": spy_wins / len(as_spy),
         "decision_acc": trained_stats["acc"], "decision_acc_reference": reference_stats["acc"],
         "na_rate": trained_stats["na"], "na_rate_reference": reference_stats["na"],
         "invalid_vote_rate": trained_stats["invalid_vote_rate"],
+        "decision_acc_baseline": selfplay.decision_stats(replayed)["acc"],
         "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
         "seed": args.seed,
     }
@@ -84,7 +96,8 @@ def main():
             f.write(json.dumps(selfplay.game_record(game, cfg, trained_side="civilians" if t else "spy")) + "\n")
     print(f"win rate {result['win_rate']:.3f} over {len(games)} held-out games "
           f"(as civilians {result['win_rate_civilian_side']:.3f}, as spy {result['win_rate_spy_side']:.3f}); "
-          f"decision accuracy {result['decision_acc']:.3f} vs reference {result['decision_acc_reference']:.3f}; "
+          f"decision accuracy {result['decision_acc']:.3f} vs reference {result['decision_acc_reference']:.3f}"
+          f" (the initial model in the same games: {result['decision_acc_baseline']:.3f}); "
           f"written to {os.path.join(args.out, 'eval.json')}")
 
 

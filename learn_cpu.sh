@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
 # Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
-# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured so far: not yet (README_learning.md).
+# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured so far: not reliably (README.md).
 #
 #   bash learn_cpu.sh                                  # everything below, one command
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
 #
 # 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens)
-# 2. 2,000 cells pairs (make_games.py --domain cells): squares on a grid, two change colour
+# 2. 2,000 cells pairs (make_games.py --domain cells): squares on a grid; the spy sees an empty
+#    picture (--spy-image blank, the paper's v2 game)
 # 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once)
-# 4. the warm start evaluated against itself on the held-out games (the baseline)
-# 5. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
-#    evaluate.py (trained vs the frozen warm start, held-out pairs) and report.py
-# 6. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
+# 4. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
+#    evaluate.py (trained vs the frozen warm start on held-out pairs, and the warm start alone in
+#    the same games: the baseline) and report.py
+# 5. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
 # Every step is skipped when its output exists, so a rerun continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${OUT:-runs/learn-cpu}
 DATA=${DATA:-games/cells}
-ITERATIONS=${ITERATIONS:-150}
+ITERATIONS=${ITERATIONS:-30}
 SEEDS=${SEEDS:-"0 1 2"}
-SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : warm start and baseline only
+SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
-WARM_STEPS=${WARM_STEPS:-3000}
+WARM_STEPS=${WARM_STEPS:-1500}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
-# short turns (a clue is "\boxed{a red square}", a vote "\boxed{3}"), full fine-tune, no KL
-# (the tiny model has no pretrained knowledge to protect), the paper's K_min and patience
-RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 3e-4 --kl 0 --k-min 5 --patience 20 --micro-batch 32"
+# short turns (a clue is "\boxed{a red square}", a vote "The spy is \boxed{3}"), the blank spy,
+# LoRA rank 16 (full fine-tuning turned votes and clues into each other's words within ~15
+# iterations), 16 games x 8 judge samples in 4 optimiser steps per iteration, no KL, the paper's
+# K_min and patience: the set-up of the only runs whose judge rose above chance (README.md)
+RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 2e-3 --minibatches 4 --kl 0 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
@@ -38,34 +41,13 @@ if [ ! -f "$DATA/pairs.jsonl" ]; then
   python3 make_games.py --domain cells --n 2000 --out "$DATA"
 fi
 python3 warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
-  --threads "$THREADS"
+  --threads "$THREADS" --spy-image blank
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
+  [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
   MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES=16 \
-    SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=0 EXTRA="$RL_FLAGS --seed $2" bash run.sh
+    SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
-
-# the baseline: a run folder whose checkpoint is the warm start itself, evaluated like the others
-if [ ! -f "$OUT/warm-start-eval/eval.json" ]; then
-  python3 - "$OUT" "$DATA" "$RL_FLAGS" <<'EOF'
-import json, os, sys
-out, data, flags = sys.argv[1], sys.argv[2], sys.argv[3].split()
-import trainer
-sys.argv = ["rlvr.py", "--model", os.path.join(out, "warm-start"), "--data", data, "--out", "-",
-            "--lora-rank", "0", *flags]
-cfg = trainer.parse_args("decision")
-folder = os.path.join(out, "warm-start-eval")
-os.makedirs(folder, exist_ok=True)
-cfg.out, cfg.dtype = folder, str(cfg.dtype)
-trainer.write_json_atomic(os.path.join(folder, "config.json"), vars(cfg))
-link = os.path.join(folder, "ckpt-000000")
-if not os.path.exists(link):
-    os.symlink(os.path.abspath(os.path.join(out, "warm-start")), link)
-with open(os.path.join(folder, "latest"), "w") as f:
-    f.write("ckpt-000000")
-EOF
-  python3 evaluate.py --out "$OUT/warm-start-eval" --games "$EVAL_GAMES"
-fi
 
 for schedule in $SCHEDULES; do
   for seed in $SEEDS; do
@@ -79,12 +61,17 @@ out = sys.argv[1]
 def load(path):
     with open(path) as f:
         return json.load(f)
-base = load(os.path.join(out, "warm-start-eval", "eval.json"))
+runs = {s: [load(p) for p in sorted(glob.glob(os.path.join(out, f"{s}-s*", "eval.json")))]
+        for s in ("iterative", "decision", "clue")}
+every = [e for evals in runs.values() for e in evals]
+if not every:
+    print("no evaluated run yet: nothing to tabulate")
+    sys.exit(0)
+base = statistics.mean(e["decision_acc_baseline"] for e in every)  # the warm start in the same games
 rows = ["| model | runs | held-out decision accuracy | win rate vs warm start | spy found (as civilians) |",
         "|---|---|---|---|---|",
-        f"| warm start (itself) | 1 | {base['decision_acc']:.3f} | {base['win_rate']:.3f} | {base['win_rate_civilian_side']:.3f} |"]
-for schedule in ("iterative", "decision", "clue"):
-    evals = [load(p) for p in sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "eval.json")))]
+        f"| warm start (itself, same games) | {len(every)} | {base:.3f} | 0.5 | |"]
+for schedule, evals in runs.items():
     if not evals:
         continue
     def cell(key):
@@ -108,7 +95,7 @@ for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue"
             acc = [json.loads(line)["acc"] for line in f if line.strip()]
         smooth = [sum(acc[max(0, i - 9):i + 1]) / len(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
         ax.plot(range(1, len(acc) + 1), smooth, colour, alpha=0.8, label=schedule if k == 0 else None)
-ax.axhline(base["decision_acc"], color="gray", ls="--", label="warm start (held-out)")
+ax.axhline(base, color="gray", ls="--", label="warm start (held-out)")
 ax.axhline(0.25, color="black", ls=":", lw=0.8, label="chance (1 of 4 seats)")
 ax.set_xlabel("iteration")
 ax.set_ylabel("judge accuracy (10-it mean)")

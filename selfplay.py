@@ -427,6 +427,11 @@ def check_game_args(cfg):
         sys.exit("error: --rounds, --samples (G), --max-new-tokens and --temperature must all be positive")
 
 
+def blank_picture(image):
+    """The empty picture the spy sees with --spy-image blank: white, the size of the original."""
+    return Image.new("RGB", image.size, "white")
+
+
 def play_games(pairs, spy_seats, sides, processor, cfg):
     """Play one game per pair, all games advancing together.
 
@@ -436,7 +441,7 @@ def play_games(pairs, spy_seats, sides, processor, cfg):
     """
     games = [Game(pair=p, spy=s) for p, s in zip(pairs, spy_seats)]
     originals = [load_image(p["original"]) for p in pairs]
-    spy_views = [Image.new("RGB", im.size, "white") if cfg.spy_image == "blank" else load_image(p["modified"])
+    spy_views = [blank_picture(im) if cfg.spy_image == "blank" else load_image(p["modified"])
                  for p, im in zip(pairs, originals)]
     n_tokens = 0
 

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
-               temperature=1.0, micro_batch=8, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
+               temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
                rae_alpha=0.95, rae_update_first=False, decision_reward="paper", lora_rank=0,
                device="cpu", dtype=torch.float32, gradient_checkpointing=False)
     cfg.update(overrides)
@@ -255,6 +255,32 @@ def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
     assert after > before + 0.3, f"probability of an even token went from {before:.2f} to {after:.2f}"
 
 
+def test_minibatches_step_once_per_share(tiny_model, pairs_dir):
+    """--minibatches M: M optimiser steps per batch, each on the mean loss of its own share. With
+    plain SGD, a 2-minibatch step whose other half has zero advantages moves the weights exactly
+    as one step on the informative half alone (first half or second: indexing and scaling)."""
+    torch.manual_seed(0)
+    cfg = game_cfg(model=tiny_model, max_new_tokens=4, kl=0.0, micro_batch=3)
+    policy, processor = trainer.build_policy(cfg)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 8)
+    selfplay.generate(policy, processor, turns, cfg)
+    signal = [1.0, -0.5, 2.0, -1.5]
+    for advantages, half in ((signal + [0.0] * 4, slice(0, 4)), ([0.0] * 4 + signal, slice(4, 8))):
+        weights = []
+        for minibatches, share, adv in ((2, turns, advantages), (1, turns[half], advantages[half])):
+            model = trainer.build_policy(cfg)[0]
+            optimizer = torch.optim.SGD(model.model.parameters(), lr=0.5)
+            trainer.train_step(model, None, optimizer, processor, share, adv,
+                               game_cfg(**{**vars(cfg), "minibatches": minibatches}), lr=0.5)
+            weights.append(torch.cat([p.detach().flatten() for p in model.model.parameters()]))
+        assert not torch.equal(weights[0], torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+        torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
+    model = trainer.build_policy(cfg)[0]
+    optimizer = torch.optim.AdamW(model.model.parameters(), lr=1e-3)
+    trainer.train_step(model, None, optimizer, processor, turns, signal * 2, game_cfg(**{**vars(cfg), "minibatches": 3}), lr=1e-3)
+    assert {int(state["step"]) for state in optimizer.state.values()} == {3}
+
+
 def test_play_games_records_every_turn(tiny_model, pairs_dir):
     cfg = game_cfg(model=tiny_model, rounds=2, samples=3)
     policy, processor = trainer.build_policy(cfg)
@@ -361,6 +387,6 @@ def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     game = json.loads(open(out / "games" / "iter_000003.jsonl").readline())
     assert len(game["clues"]) == 8 and all(p["advantage"] is not None for p in game["players"])
     result = json.load(open(out / "eval.json"))
-    assert result["games"] == 2 and 0 <= result["win_rate"] <= 1
+    assert result["games"] == 2 and 0 <= result["win_rate"] <= 1 and 0 <= result["decision_acc_baseline"] <= 1
     third = run(["bash", "run.sh"], {**env, "ITERATIONS": "5"})  # nothing left to do
     assert third.returncode == 0 and len(open(out / "metrics.jsonl").readlines()) == 5

@@ -71,3 +71,33 @@ def test_warm_start_is_deterministic_cached_and_loadable(tiny_model, cells_dir, 
 def test_warm_start_refuses_a_folder_without_cells_pairs(tiny_model, pairs_dir, tmp_path):
     result = warm_start(tiny_model, pairs_dir, str(tmp_path / "w"))
     assert result.returncode != 0 and "no cells training pairs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_warm_start_examples_of_the_blank_spy_game(cells_dir):
+    """With --spy-image blank the spy's clue is about the empty picture it sees, every seat may say
+    "an empty picture" in made-up clues, and a vote is a uniformly random seat after a fixed phrase:
+    nothing in the examples says who the spy is."""
+    import random
+    from types import SimpleNamespace
+    import selfplay
+    import warm_start
+    pairs = selfplay.read_pairs(cells_dir, "train")
+    images = [(selfplay.load_image(p["original"]), selfplay.load_image(p["modified"])) for p in pairs]
+    rng = random.Random(0)
+    for spy_image in ("blank", "modified"):
+        cfg = SimpleNamespace(players=4, rounds=2, spy_image=spy_image, seed=0)
+        spy_clues, said, votes = [], set(), []
+        for k in range(400):
+            prompt, image, target = warm_start.example(pairs[k % len(pairs)], images[k % len(pairs)], "clue", rng, cfg)
+            said.update(line for line in prompt.split('"')[1::2])
+            if "You are the spy" in prompt:
+                spy_clues.append((image.getcolors(), target))
+            votes.append(warm_start.example(pairs[k % len(pairs)], images[k % len(pairs)], "vote", rng, cfg)[2])
+        blank = [(colors, target) for colors, target in spy_clues if colors == [(112 * 112, (255, 255, 255))]]
+        if spy_image == "blank":
+            assert spy_clues and len(blank) == len(spy_clues)
+            assert {target for _, target in blank} == {"\\boxed{an empty picture}"}
+            assert warm_start.EMPTY in said
+        else:
+            assert not blank and warm_start.EMPTY not in said
+        assert {v for v in votes} == {"The spy is \\boxed{%d}" % seat for seat in range(1, 5)}

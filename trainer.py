@@ -3,14 +3,15 @@ trainer.py: what the two stage scripts share. The loss (Eq. 3 = Eq. 6), the Iter
 switching rule (Eqs. 7-10, Algorithm 1), checkpoints, and the iteration loop.
 
 One iteration: play a batch of full games with the current policy (selfplay.py), train ONLY the
-active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step,
-update the decision statistics, log, save, and ask the schedule which stage comes next:
+active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step
+(or --minibatches steps), update the decision statistics, log, save, and ask the schedule which stage comes next:
 
   Eq. 3/6  per token: ratio = exp(logp - logp_old)
              L = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta_KL KL,
              KL = exp(ref - logp) - (ref - logp) - 1 (k3),  eps = 0.2, beta_KL = 0.04;
            mean over a sequence's completion tokens, then over sequences. With one optimiser step
-           per batch the ratio is 1 (REINFORCE + KL), so logp_old is the detached logp.
+           per batch the ratio is 1 (REINFORCE + KL), so logp_old is the detached logp; with
+           --minibatches M > 1, logp_old is the sampling policy's, computed before the first step.
   Eq. 7-8  acc_ema <- rho acc_ema + (1 - rho) acc_t, na_ema likewise, rho = 0.95, both from 0;
            acc_t = fraction of decision samples naming the spy, na_t = fraction of N/A.
   Eq. 9    decision -> clue when acc_ema >= 0.9 and na_ema <= 0.1 (the spy is too easy to find).
@@ -115,36 +116,53 @@ def learning_rate(iteration, cfg):
 
 
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
-    """Accumulate Eq. 3/6 over micro-batches, clip, step. Returns loss, kl, grad norm, skipped."""
+    """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
+    accumulated over micro-batches, clipped and skipped if not finite.
+    Returns the mean loss and kl, the largest grad norm and whether any step was skipped."""
     model = policy.model
+    size = math.ceil(len(turns) / cfg.minibatches)
+    minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
+    chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
+    # the log-probs of the policy that sampled: after the first step the weights differ, so the
+    # ratio of Eq. 3 moves away from 1 and the clip binds (PPO). One step needs no extra pass.
+    old_logps = {}
+    if len(minibatches) > 1:
+        with torch.no_grad():
+            for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
+                inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
+                old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids)
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    total_loss, total_kl = 0.0, 0.0
-    for start in range(0, len(turns), cfg.micro_batch):
-        chunk = turns[start:start + cfg.micro_batch]
-        adv = torch.tensor(advantages[start:start + cfg.micro_batch], device=model.device)
-        inputs, ids, mask = selfplay.completion_batch(processor, chunk, model.device)
-        ref_logp = None
-        if cfg.kl > 0:  # no reference pass at all when the KL term is off
-            with torch.no_grad(), reference.active():
-                ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
-        logp = selfplay.token_logprobs(model, inputs, ids)
-        loss = policy_loss(logp, logp.detach(), ref_logp, adv, mask, cfg.clip, cfg.kl)
-        (loss * len(chunk) / len(turns)).backward()
-        total_loss += loss.item() * len(chunk) / len(turns)
-        if ref_logp is not None:
-            total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / len(turns)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-    skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
-    if skipped:  # one bad batch must not poison the weights: drop it and say so in the metrics
+    total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
+    for mb, mb_chunks in zip(minibatches, chunks):
         optimizer.zero_grad(set_to_none=True)
-    else:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        step_loss = 0.0
+        for chunk in mb_chunks:
+            adv = torch.tensor([advantages[i] for i in chunk], device=model.device)
+            inputs, ids, mask = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
+            ref_logp = None
+            if cfg.kl > 0:  # no reference pass at all when the KL term is off
+                with torch.no_grad(), reference.active():
+                    ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
+            logp = selfplay.token_logprobs(model, inputs, ids)
+            old_logp = old_logps.get(chunk[0], logp.detach())
+            loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            (loss * len(chunk) / len(mb)).backward()
+            step_loss += loss.item() * len(chunk) / len(mb)
+            if ref_logp is not None:
+                total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / len(turns)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            max_grad_norm = max(max_grad_norm, grad_norm)
+        else:  # one bad batch must not poison the weights: drop it and say so in the metrics
+            skipped = True
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += step_loss * len(mb) / len(turns)
     model.eval()
-    return total_loss, total_kl, grad_norm, skipped
+    return total_loss, total_kl, max_grad_norm if not skipped else float("nan"), skipped
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +272,8 @@ def parse_args(stage):
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (memory vs speed)")
+    p.add_argument("--minibatches", type=int, default=1,
+                   help="optimiser steps per iteration, each on its share of the batch (the paper: 1; more = PPO-style reuse)")
     p.add_argument("--beta", type=float, default=0.1, help="Eq. 1: weight of the spy's exposure")
     p.add_argument("--lam", type=float, default=0.1, help="Eq. 1: lambda, penalty for a civilian drawing votes")
     p.add_argument("--rae-alpha", type=float, default=0.95, help="Eq. 2: EMA factor of the role baselines (released code: 0.9)")
@@ -276,8 +296,8 @@ def parse_args(stage):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
-    if cfg.iterations < 1 or cfg.games < 1 or cfg.micro_batch < 1 or cfg.save_every < 1:
-        p.error("--iterations, --games, --micro-batch and --save-every must be at least 1")
+    if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
+        p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
     if cfg.device == "auto":

@@ -10,10 +10,12 @@ descriptions (make_games.py --domain cells) and the game's real prompts (selfpla
   describe   "Describe one square of your picture" about the original or the modified image
              -> "\\boxed{a <colour> square}" naming one of its squares: seeing colours, cheaply
   clue       the real clue prompt of a random seat, round and role, with the image that role sees
-             (civilian: original, spy: modified) and made-up earlier clues
-             -> "\\boxed{a <colour> square}" naming a random square of THAT image
-  vote       the real judge prompt with made-up clues -> "\\boxed{k}", k uniformly random:
-             the format only; nothing here says or hints who the spy is
+             (civilian: original, spy: modified, or the empty picture of --spy-image blank) and
+             made-up earlier clues -> "\\boxed{a <colour> square}" naming a random square of THAT
+             image, or "\\boxed{an empty picture}" for the empty one
+  vote       the real judge prompt with made-up clues (any seat may say any colour or, with
+             --spy-image blank, "an empty picture") -> "The spy is \\boxed{k}", k uniformly
+             random: the format only; nothing here says or hints who the spy is
   attribute  "Is there a <colour> square in your picture?" about the original or the modified
              image -> "\\boxed{yes}" / "\\boxed{no}", balanced: image-grounded colour checking
 
@@ -48,6 +50,7 @@ from make_games import CELL_COLOURS
 
 COLOURS = list(CELL_COLOURS)
 TASKS = ("describe", "clue", "vote", "attribute")
+EMPTY = "an empty picture"  # what there is to say about the blank spy's picture
 
 
 def square(colour):
@@ -63,11 +66,13 @@ def scene_colours(pair):
     return original, modified
 
 
-def made_up_clues(game, count, rng, players):
-    """`count` earlier clue turns in speaking order, each naming a random colour (no game was played)."""
+def made_up_clues(game, count, rng, cfg):
+    """`count` earlier clue turns in speaking order, each naming a random colour, or in the blank
+    game sometimes the empty picture (no game was played: every seat is equally likely to)."""
+    sayings = [square(c) for c in COLOURS] + ([EMPTY] if cfg.spy_image == "blank" else [])
     for k in range(count):
-        round_, seat = divmod(k, players)
-        turn = selfplay.Turn(seat, round_, "", None, text="\\boxed{%s}" % square(rng.choice(COLOURS)))
+        round_, seat = divmod(k, cfg.players)
+        turn = selfplay.Turn(seat, round_, "", None, text="\\boxed{%s}" % rng.choice(sayings))
         turn.parsed = selfplay.parse_clue(turn.text)
         game.clues.append(turn)
 
@@ -78,20 +83,24 @@ def example(pair, images, task, rng, cfg):
     game = selfplay.Game(pair=pair, spy=rng.randrange(cfg.players))
     if task == "clue":
         round_, seat = rng.randrange(cfg.rounds), rng.randrange(cfg.players)
-        made_up_clues(game, round_ * cfg.players + seat, rng, cfg.players)
-        is_spy = seat == game.spy
-        colours, image = (modified, images[1]) if is_spy else (original, images[0])
+        made_up_clues(game, round_ * cfg.players + seat, rng, cfg)
         prompt = selfplay.clue_prompt(game, seat, round_, cfg)
-        return prompt, image, "\\boxed{%s}" % square(rng.choice(colours))
+        if seat != game.spy:
+            return prompt, images[0], "\\boxed{%s}" % square(rng.choice(original))
+        if cfg.spy_image == "blank":
+            return prompt, selfplay.blank_picture(images[0]), "\\boxed{%s}" % EMPTY
+        return prompt, images[1], "\\boxed{%s}" % square(rng.choice(modified))
     if task == "describe":  # the clue skill with a short prompt: 4x cheaper per example than "clue"
         use_modified = rng.random() < 0.5
         colours, image = (modified, images[1]) if use_modified else (original, images[0])
         prompt = "Describe one square of your picture inside \\boxed{}."
         return prompt, image, "\\boxed{%s}" % square(rng.choice(colours))
     if task == "vote":
-        made_up_clues(game, cfg.rounds * cfg.players, rng, cfg.players)
+        made_up_clues(game, cfg.rounds * cfg.players, rng, cfg)
         prompt = selfplay.decision_prompt(game, None, cfg)
-        return prompt, images[0], "\\boxed{%d}" % rng.randint(1, cfg.players)  # format only: a random seat
+        # format only: a random seat. The few words before the box set a vote apart from a clue
+        # (both open with \boxed{), so that training votes does not turn clues into digits
+        return prompt, images[0], "The spy is \\boxed{%d}" % rng.randint(1, cfg.players)
     use_modified = rng.random() < 0.5
     colours, image = (modified, images[1]) if use_modified else (original, images[0])
     present = rng.random() < 0.5
@@ -159,6 +168,8 @@ def main():
     p.add_argument("--mix", default="0.6,0.2,0.1,0.1", help="shares of describe, clue, vote and attribute steps")
     p.add_argument("--players", type=int, default=4, help="players in the prompts (as the RL runs)")
     p.add_argument("--rounds", type=int, default=2, help="clue rounds in the prompts (as the RL runs)")
+    p.add_argument("--spy-image", choices=["modified", "blank"], default="modified",
+                   help="what the spy sees in the games to come (as the RL runs' --spy-image)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the update order")
     args = p.parse_args()
@@ -178,7 +189,7 @@ def main():
     images = [(selfplay.load_image(q["original"]), selfplay.load_image(q["modified"])) for q in pairs]
     held_out = [q for q in selfplay.read_pairs(args.data, "eval") if q.get("domain") == "cells"]
     held_images = [(selfplay.load_image(q["original"]), selfplay.load_image(q["modified"])) for q in held_out]
-    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image="modified", seed=args.seed)
+    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, seed=args.seed)
 
     processor = selfplay.load_processor(args.model)
     model = selfplay.load_model(args.model, "cpu", torch.float32).train()
