@@ -68,17 +68,25 @@ if not every:
     print("no evaluated run yet: nothing to tabulate")
     sys.exit(0)
 base = statistics.mean(e["decision_acc_baseline"] for e in every)  # the warm start in the same games
-rows = ["| model | runs | held-out decision accuracy | win rate vs warm start | spy found (as civilians) |",
-        "|---|---|---|---|---|",
-        f"| warm start (itself, same games) | {len(every)} | {base:.3f} | 0.5 | |"]
+rows = ["| schedule | runs | held-out decision accuracy | gain over the warm start | win rate vs warm start | as civilians / as spy |",
+        "|---|---|---|---|---|---|",
+        f"| warm start (replaying the same games) | {len(every)} | {base:.3f} | | 0.5 | |"]
+def cell(evals, value):  # mean, and the spread over seeds when there are several
+    values = [value(e) for e in evals]
+    spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{spread}"
 for schedule, evals in runs.items():
-    if not evals:
-        continue
-    def cell(key):
-        values = [e[key] for e in evals]
-        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.3f}{spread}"
-    rows.append(f"| {schedule} | {len(evals)} | {cell('decision_acc')} | {cell('win_rate')} | {cell('win_rate_civilian_side')} |")
+    if evals:
+        rows.append(f"| {schedule} | {len(evals)} | {cell(evals, lambda e: e['decision_acc'])} | "
+                    f"{cell(evals, lambda e: e['decision_acc'] - e['decision_acc_baseline'])} | "
+                    f"{cell(evals, lambda e: e['win_rate'])} | {cell(evals, lambda e: e['win_rate_civilian_side'])} / "
+                    f"{cell(evals, lambda e: e['win_rate_spy_side'])} |")
+rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy |", "|---|---|---|---|---|"]
+for schedule, evals in runs.items():
+    for path, e in zip(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "eval.json"))), evals):
+        rows.append(f"| {os.path.basename(os.path.dirname(path))} | {e['decision_acc']:.3f} | "
+                    f"{e['decision_acc'] - e['decision_acc_baseline']:+.3f} | {e['win_rate']:.3f} | "
+                    f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} |")
 table = "\n".join(rows)
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table + "\n")
