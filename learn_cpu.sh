@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
-# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured so far: not reliably (README.md).
+# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured: partly, in 3 of 6 judge-training runs (README.md).
 #
 #   bash learn_cpu.sh                                  # everything below, one command
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
