@@ -61,8 +61,8 @@ out = sys.argv[1]
 def load(path):
     with open(path) as f:
         return json.load(f)
-runs = {s: [load(p) for p in sorted(glob.glob(os.path.join(out, f"{s}-s*", "eval.json")))]
-        for s in ("iterative", "decision", "clue")}
+paths = {s: sorted(glob.glob(os.path.join(out, f"{s}-s*", "eval.json"))) for s in ("iterative", "decision", "clue")}
+runs = {s: [load(p) for p in found] for s, found in paths.items()}
 every = [e for evals in runs.values() for e in evals]
 if not every:
     print("no evaluated run yet: nothing to tabulate")
@@ -83,7 +83,7 @@ for schedule, evals in runs.items():
                     f"{cell(evals, lambda e: e['win_rate_spy_side'])} |")
 rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy |", "|---|---|---|---|---|"]
 for schedule, evals in runs.items():
-    for path, e in zip(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "eval.json"))), evals):
+    for path, e in zip(paths[schedule], evals):
         rows.append(f"| {os.path.basename(os.path.dirname(path))} | {e['decision_acc']:.3f} | "
                     f"{e['decision_acc'] - e['decision_acc_baseline']:+.3f} | {e['win_rate']:.3f} | "
                     f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} |")

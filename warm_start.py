@@ -77,6 +77,11 @@ def made_up_clues(game, count, rng, cfg):
         game.clues.append(turn)
 
 
+def either_picture(original, modified, images, rng):
+    """The colours of the original or of the modified picture, half and half, and that picture."""
+    return (modified, images[1]) if rng.random() < 0.5 else (original, images[0])
+
+
 def example(pair, images, task, rng, cfg):
     """One (prompt, image, target text) of a task for a pair."""
     original, modified = scene_colours(pair)
@@ -91,8 +96,7 @@ def example(pair, images, task, rng, cfg):
             return prompt, selfplay.blank_picture(images[0]), "\\boxed{%s}" % EMPTY
         return prompt, images[1], "\\boxed{%s}" % square(rng.choice(modified))
     if task == "describe":  # the clue skill with a short prompt: 4x cheaper per example than "clue"
-        use_modified = rng.random() < 0.5
-        colours, image = (modified, images[1]) if use_modified else (original, images[0])
+        colours, image = either_picture(original, modified, images, rng)
         prompt = "Describe one square of your picture inside \\boxed{}."
         return prompt, image, "\\boxed{%s}" % square(rng.choice(colours))
     if task == "vote":
@@ -101,8 +105,7 @@ def example(pair, images, task, rng, cfg):
         # format only: a random seat. The few words before the box set a vote apart from a clue
         # (both open with \boxed{), so that training votes does not turn clues into digits
         return prompt, images[0], "The spy is \\boxed{%d}" % rng.randint(1, cfg.players)
-    use_modified = rng.random() < 0.5
-    colours, image = (modified, images[1]) if use_modified else (original, images[0])
+    colours, image = either_picture(original, modified, images, rng)
     present = rng.random() < 0.5
     colour = rng.choice(colours if present else [c for c in COLOURS if c not in colours])
     # short on purpose: perception is the slow skill to learn, and a long prompt costs 7x per example
