@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 
 OUT=${OUT:-runs/learn-cpu}
 DATA=${DATA:-games/cells}
-ITERATIONS=${ITERATIONS:-30}
+ITERATIONS=${ITERATIONS:-40}
 SEEDS=${SEEDS:-"0 1 2"}
 SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
@@ -28,9 +28,10 @@ THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slo
 export OMP_NUM_THREADS=$THREADS
 # short turns (a clue is "\boxed{a red square}", a vote "The spy is \boxed{3}"), the blank spy,
 # LoRA rank 16 (full fine-tuning turned votes and clues into each other's words within ~15
-# iterations), 16 games x 8 judge samples in 4 optimiser steps per iteration, no KL, the paper's
-# K_min and patience: the set-up of the only runs whose judge rose above chance (README.md)
-RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 2e-3 --minibatches 4 --kl 0 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
+# iterations), 16 games x 8 judge samples in 8 optimiser steps of 2 games per iteration at a
+# peak lr of 1e-3 (4 steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for
+# the same progress), no KL, the paper's K_min and patience (README.md)
+RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then

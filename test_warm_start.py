@@ -2,8 +2,9 @@
 
     python -m pytest -q test_warm_start.py
 
-Whether the tiny model then learns the game is measured by `bash learn_cpu.sh` (hours, not a
-test); README.md, "Does a tiny model learn the game on a CPU?", has the numbers: not yet.
+Whether the tiny model then learns the game: test_learning.py (a small run, asserted) and
+`bash learn_cpu.sh` (the full comparison, about an hour; README.md, "Does a tiny model learn the
+game on a CPU?").
 """
 import json
 import os
