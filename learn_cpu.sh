@@ -31,7 +31,8 @@ export OMP_NUM_THREADS=$THREADS
 # LoRA rank 16 (full fine-tuning turned votes and clues into each other's words within ~15
 # iterations), 16 games x 8 judge samples in 8 optimiser steps of 2 games per iteration at a
 # peak lr of 1e-3 (4 steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for
-# the same progress), no KL, the paper's K_min and patience (README.md)
+# the same progress), the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3
+# Iterative-SPO runs), K_min and patience (README.md)
 RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
 
 mkdir -p "$OUT"

@@ -3,8 +3,9 @@ trainer.py: what the two stage scripts share. The loss (Eq. 3 = Eq. 6), the Iter
 switching rule (Eqs. 7-10, Algorithm 1), checkpoints, and the iteration loop.
 
 One iteration: play a batch of full games with the current policy (selfplay.py), train ONLY the
-active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step
-(or --minibatches steps), update the decision statistics, log, save, and ask the schedule which stage comes next:
+active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step (or
+--minibatches steps), update the decision statistics, log, save, and ask the schedule which stage
+comes next:
 
   Eq. 3/6  per token: ratio = exp(logp - logp_old)
              L = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta_KL KL,
