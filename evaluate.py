@@ -39,7 +39,9 @@ def main():
     args = p.parse_args()
     if args.games < 2 or args.batch < 1:
         p.error("--games must be at least 2 (one game per side) and --batch at least 1")
-    checkpoint = trainer.latest_checkpoint(args.out)
+    checkpoint, _, note = trainer.resume_point(args.out)
+    if note:
+        print(note)
     config_path = os.path.join(args.out, "config.json")
     if checkpoint is None or not os.path.exists(config_path):
         sys.exit(f"error: {args.out} holds no trained checkpoint; train first with `bash run.sh`")
@@ -49,7 +51,8 @@ def main():
     cfg.data = args.data or cfg.data
     cfg.max_new_tokens = args.max_new_tokens or cfg.max_new_tokens
     cfg.gradient_checkpointing = False
-    pairs = selfplay.read_pairs(cfg.data, "eval")
+    # the held-out split is small: decode all of it now rather than drop games from a batch
+    pairs = selfplay.decodable_pairs(selfplay.read_pairs(cfg.data, "eval", domain=getattr(cfg, "domain", None)))
     if not pairs:
         sys.exit(f"error: no held-out pairs in {cfg.data} (about 10% of the ids are held out); make more pairs")
 

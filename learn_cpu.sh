@@ -60,6 +60,7 @@ done
 
 python3 - "$OUT" <<'EOF'
 import glob, json, os, statistics, sys
+import jsonl  # read_jsonl skips a line cut short by a kill
 out = sys.argv[1]
 def load(path):
     with open(path) as f:
@@ -102,8 +103,7 @@ import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
     for k, path in enumerate(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "metrics.jsonl")))):
-        with open(path) as f:
-            acc = [json.loads(line)["acc"] for line in f if line.strip()]
+        acc = [row["acc"] for row in jsonl.read_jsonl(path) if isinstance(row.get("acc"), (int, float))]
         smooth = [sum(acc[max(0, i - 9):i + 1]) / len(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
         ax.plot(range(1, len(acc) + 1), smooth, colour, alpha=0.8, label=schedule if k == 0 else None)
 ax.axhline(base, color="gray", ls="--", label="warm start (held-out)")

@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -603,6 +604,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain kill still runs the cleanups below
     args.maker = args.domain
     if args.src:
         if not os.path.isdir(args.src):
@@ -655,16 +657,20 @@ def main(argv=None):
         pool.join()
     elapsed = time.time() - start
 
-    temporary = os.path.join(args.out, "pairs.jsonl.tmp")
-    with open(temporary, "w") as f:  # written whole, then renamed: a crash never leaves half a file
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(temporary, os.path.join(args.out, "pairs.jsonl"))
     why = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
     print(f"{PROG}: made {len(records)} {args.domain} pairs in {args.out}, skipped {sum(skipped.values())}"
           f"{f' ({why})' if why else ''}, {elapsed:.1f} s, {len(records) / elapsed:.2f} pairs/s")
-    if not records:
+    if not records:  # no pairs.jsonl at all: an empty one would pass for a made folder (run.sh)
         die("no pair was made; see the warnings above")
+    temporary = os.path.join(args.out, "pairs.jsonl.tmp")  # a killed run's one is overwritten here
+    try:
+        with open(temporary, "w") as f:  # written whole, then renamed: a crash never leaves half a file
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        os.replace(temporary, os.path.join(args.out, "pairs.jsonl"))
+    finally:
+        if os.path.exists(temporary):  # only when the write failed or was interrupted
+            os.remove(temporary)
 
 
 if __name__ == "__main__":

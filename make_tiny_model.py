@@ -16,7 +16,10 @@ Images cost 1-4 visual tokens at the default --max-pixels (28*28 .. 56*56 pixels
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 
 import torch
@@ -75,6 +78,21 @@ def train_tokenizer(vocab_size):
     return tokenizer
 
 
+def remove_stale_staging(parent):
+    """Delete the .tiny-<pid>-* staging folders in `parent` whose process is gone (killed builds)."""
+    for name in os.listdir(parent):
+        m = re.fullmatch(r"\.tiny-(\d+)-\w+", name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (PermissionError, OverflowError):  # another user's live process, or no such pid
+            continue
+
+
 def build(args):
     Processor = selfplay.register_image_only_processor()
     try:  # transformers 5.x: the PIL image processor (the default one needs torchvision)
@@ -111,17 +129,22 @@ def build(args):
     model.generation_config.eos_token_id = [token("<|im_end|>"), token("<|endoftext|>")]
     model.generation_config.pad_token_id = token("<|endoftext|>")
 
-    # write next to the target and rename: a half-written model folder never exists
+    # write next to the target and rename: a half-written model folder never exists, and the
+    # staging folder goes whatever stops the build (the one of a kill -9 goes at the next build)
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".tiny-")
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    with open(os.path.join(staging, "tiny_model_args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.replace(staging, args.out)
+    remove_stale_staging(parent)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".tiny-{os.getpid()}-")
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        with open(os.path.join(staging, "tiny_model_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        if os.path.exists(args.out):
+            shutil.rmtree(args.out)
+        os.replace(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename happened
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, saved to {args.out}")
 
@@ -141,6 +164,7 @@ def main():
                         help="weight init std; 0.02 (transformers' default) leaves a tiny model image-blind for minutes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain kill runs the cleanup in build()
     if args.hidden % (8 * args.heads) or args.vision_hidden % 8:
         parser.error("--hidden must be divisible by 8 * --heads and --vision-hidden by 8 (rotary sections)")
     build(args)

@@ -31,6 +31,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from PIL import Image
 
+import jsonl
+
 STAGE_COLORS = {"decision": "#4c72b0", "clue": "#dd8452"}
 # (panel title, metrics drawn in it); a metric missing from the log is simply left out
 PANELS = [
@@ -61,26 +63,18 @@ def esc(value):
 
 
 def fmt(value):
+    """Any value as safe HTML text: a number formatted as a number, anything else escaped (a run
+    folder may come from someone else, and a crafted "reward" must not become markup)."""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return "—" if value is None else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return "—" if value is None else esc(value)
 
 
-def read_jsonl(path, limit=None):
-    """The first `limit` JSON objects of a .jsonl file, and how many it holds. A line that does not
-    parse (e.g. the last one of a run killed while writing) is skipped."""
-    rows, count = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                count += 1
-                if limit is None or len(rows) < limit:
-                    rows.append(row)
-    return rows, count
+def is_iteration(value):
+    """An iteration number as trainer.py logs it (bool is an int to Python, but no iteration)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_json(path):
@@ -112,7 +106,7 @@ def draw_curves(metrics, config):
             ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS.get(stage, "#999999"), alpha=0.12, lw=0)
         for key in keys:
             values = [row.get(key) for row in metrics]
-            values = [v if isinstance(v, (int, float)) else math.nan for v in values]
+            values = [float(v) if isinstance(v, (int, float)) and abs(v) < 1e300 else math.nan for v in values]
             if all(math.isnan(v) for v in values):
                 continue
             ema = key.endswith("_ema")
@@ -217,7 +211,7 @@ def render_game(game, thumbnails):
     boxes_size = found[1:] if found else None
     spy_sees = game.get("spy_image", "modified")
     won = "civilians win: the spy was found" if game.get("spy_found") else "the spy wins: not found"
-    out = [f'<section class="game" data-iteration="{esc(game.get("iteration"))}" data-game="{esc(game.get("game_index"))}">',
+    out = ['<section class="game">',
            f'<h3>iteration {esc(game.get("iteration"))} · game {esc((game.get("game_index") or 0) + 1)} · '
            f'pair {esc(game.get("pair_id"))} ({esc(game.get("domain"))}) · {esc(game.get("stage"))} stage · '
            f'spy: {player_name(spy)} · <span class="{"civ" if game.get("spy_found") else "spywin"}">{won}</span></h3>',
@@ -263,6 +257,18 @@ def render_game(game, thumbnails):
     return "\n".join(out)
 
 
+def render_record(game, thumbnails, iteration, index):
+    """A game as render_game shows it, or, for a record that is not a well-formed game (a shared or
+    damaged run folder), a section that says "unreadable record"; either way the game browser
+    finds it by the iteration of its file and its position there."""
+    try:
+        section = render_game(game, thumbnails)
+    except Exception:  # any malformed field: one unreadable game must not cost the whole report
+        section = (f'<section class="game"><h3>iteration {iteration} · game {index + 1}</h3>'
+                   '<p class="bad">unreadable record</p></section>')
+    return section.replace('<section class="game"', f'<section class="game" data-iteration="{iteration}" data-game="{index}"', 1)
+
+
 def sample_evenly(items, count):
     """Up to `count` items, evenly spaced, the first and the last included."""
     if count <= 0 or not items:
@@ -275,7 +281,7 @@ def sample_evenly(items, count):
 
 
 def key_value_table(mapping):
-    items = "".join(f"<div><span>{esc(k)}</span> {esc(fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v))}</div>"
+    items = "".join(f"<div><span>{esc(k)}</span> {fmt(v) if not isinstance(v, (dict, list)) else esc(json.dumps(v))}</div>"
                     for k, v in mapping.items())
     return f'<div class="kv">{items}</div>'
 
@@ -285,7 +291,10 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         fail(f"no metrics.jsonl in {out_dir}: not a training run folder (run bash run.sh first)")
-    metrics, _ = read_jsonl(metrics_path)
+    logged_rows = jsonl.read_jsonl(metrics_path)
+    # a row whose iteration is not a number cannot be placed on the curves: the table says so
+    readable = [is_iteration(row.get("iteration")) and isinstance(row.get("stage", ""), str) for row in logged_rows]
+    metrics = [row for row, ok in zip(logged_rows, readable) if ok]
     if not metrics:
         fail(f"{metrics_path} holds no complete line yet (run bash run.sh first)")
     config, config_problem = read_json(os.path.join(out_dir, "config.json"))
@@ -299,12 +308,13 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
     thumbnails = Thumbnails(thumbnail_px)
     sections, options, sampled_notes = [], [], []
     for iteration, name in sample_evenly(logged, max_iterations):
-        games, total = read_jsonl(os.path.join(games_dir, name), limit=games_per_iteration)
+        played = jsonl.read_jsonl(os.path.join(games_dir, name))
+        games, total = played[:games_per_iteration], len(played)
         if not games:
             continue
         options.append(f'<option value="{iteration}">iteration {iteration} ({esc(games[0].get("stage"))})</option>')
         sampled_notes.append(f"{iteration} ({len(games)}/{total})")
-        sections += [render_game(game, thumbnails) for game in games]
+        sections += [render_record(game, thumbnails, iteration, index) for index, game in enumerate(games)]
 
     stages = [row.get("stage") for row in metrics]
     switches = sum(a != b for a, b in zip(stages, stages[1:]))
@@ -322,8 +332,10 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
     else:
         games_note = "No games logged in games/ yet."
     columns = list(dict.fromkeys(key for row in metrics for key in row))
-    metric_rows = "".join(f'<tr data-iteration="{esc(row.get("iteration"))}">' + "".join(
-        f"<td>{esc(fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in metrics)
+    metric_rows = "".join(
+        f'<tr data-iteration="{row["iteration"]}">' + "".join(f"<td>{fmt(row.get(c))}</td>" for c in columns) + "</tr>"
+        if ok else f'<tr><td colspan="{len(columns)}" class="bad">unreadable record</td></tr>'
+        for row, ok in zip(logged_rows, readable))
     page = PAGE.format(
         title=esc(f"Vision-Zero run {os.path.basename(os.path.abspath(out_dir))}"),
         path=esc(os.path.abspath(out_dir)), summary=summary, eval_html=eval_html, config_html=config_html,

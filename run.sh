@@ -14,6 +14,10 @@
 # Any further flag of trainer.py goes in EXTRA, e.g. EXTRA="--decision civilians --spy-image blank".
 set -euo pipefail
 cd "$(dirname "$0")"
+# a DOMAIN given by the user also sets the game rules (--domain), e.g. for a released CLEVR
+# folder without pairs.jsonl; otherwise each pair keeps the domain make_games.py wrote for it
+DOMAIN_FLAG=()
+if [ -n "${DOMAIN:-}" ]; then DOMAIN_FLAG=(--domain "$DOMAIN"); fi
 
 if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   MODEL=${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}
@@ -44,36 +48,30 @@ else
 fi
 SCHEDULE=${SCHEDULE:-iterative}
 
-if [ ! -f "$DATA/pairs.jsonl" ]; then
+if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
   python3 make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
 fi
 
 ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --games "$GAMES"
-      --schedule "$SCHEDULE" "${SETTINGS[@]}")
+      --schedule "$SCHEDULE" "${SETTINGS[@]}" "${DOMAIN_FLAG[@]}")
 # shellcheck disable=SC2206  # EXTRA is meant to split into flags
 ARGS+=(${EXTRA:-})
 
-progress() {  # "iteration stage" of the run's latest checkpoint, or "0 start"
-  python3 -c '
-import json, os, sys
-out = sys.argv[1]
-try:
-    with open(os.path.join(out, "latest")) as f:
-        state = json.load(open(os.path.join(out, f.read().strip(), "state.json")))
-    print(state["iteration"], state["stage"])
-except FileNotFoundError:
-    print(0, "start")' "$OUT"
+progress() {  # "iteration stage" of the checkpoint the stage scripts will resume from, or "0 start"
+  python3 -c 'import sys, trainer; print(trainer.progress(sys.argv[1]))' "$OUT"
 }
 
 while true; do
-  read -r done_iterations stage < <(progress)
+  now=$(progress)  # a run folder with no usable checkpoint stops here, with the one-line error
+  read -r done_iterations stage <<< "$now"
   [ "$done_iterations" -ge "$ITERATIONS" ] && break
   if [ "$stage" = start ]; then
     stage=$([ "$SCHEDULE" = clue ] && echo clue || echo decision)
   fi
   if [ "$stage" = decision ]; then python3 rlvr.py "${ARGS[@]}"; else python3 spo.py "${ARGS[@]}"; fi
-  read -r after _ < <(progress)
+  now=$(progress)
+  read -r after _ <<< "$now"
   if [ "$after" -le "$done_iterations" ]; then
     echo "run.sh: the $stage stage made no progress in $OUT; see its output above" >&2
     exit 1

@@ -25,7 +25,6 @@ without torchvision, with or without LoRA) and the per-token log-probabilities o
 It has no command of its own: run `bash run.sh`, `python spo.py`, `python rlvr.py` or
 `python evaluate.py`.
 """
-import json
 import os
 import re
 import sys
@@ -33,8 +32,11 @@ import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
+
+import jsonl
 
 # -----------------------------------------------------------------------------
 # Prompts (method.md section 1, in our own words)
@@ -136,37 +138,60 @@ def chat(processor, text):
 # Parsing model output: never raises; None means the output broke the format
 
 
+# The whole (stripped) content of a vote box: a seat as "3", "3.", "Player 3", "player 3.",
+# "Player-3", "seat 3" (at most 3 digits: a long digit run is no seat), or an abstention. Anything
+# else is invalid: two seats, 2.5, 1e3, 1-2, a minus sign of any kind. No nested quantifiers and
+# fullmatch only, so every pattern runs in linear time.
+SEAT_VOTE = re.compile(r"(?:(?:player|seat)(?:\s+|\s*-\s*)?)?([0-9]{1,3})\.?", re.IGNORECASE)
+NA_VOTE = re.compile(r"(?:n\s*/\s*a|n\.?a)\.?", re.IGNORECASE)
+LONGEST_VOTE = 40  # characters; "Player 3." is 9: a longer box is invalid without matching it
+
+
 def first_boxed(text):
-    """Content of the first \\boxed{...}, braces balanced; None if there is none or it never closes."""
+    """Content of the first \\boxed{...}, braces balanced; None if there is none or it never closes.
+    The brace depth is a cumulative sum over the code points (numpy), so that a megabyte of braces
+    costs milliseconds, not a Python loop over every brace."""
     start = text.find("\\boxed{")
     if start < 0:
         return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
+    begin = start + len("\\boxed{")
+    # UTF-32: one number per code point, so that indices are string indices; surrogatepass: a lone
+    # surrogate (which models can emit through a byte-level tokenizer) is a code point too
+    codes = np.frombuffer(text[begin:].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    depth = 1 + np.cumsum((codes == ord("{")).astype(np.int64) - (codes == ord("}")))
+    closing = np.flatnonzero(depth == 0)
+    return text[begin:begin + int(closing[0])] if closing.size else None
 
 
 def parse_clue(text):
-    """The clue of a clue turn: the stripped content of the first \\boxed{}; None if absent or empty."""
+    """The clue of a clue turn: the stripped content of the first \\boxed{}; None if absent, or if it
+    holds no letter or digit (empty, punctuation, zero-width or control characters only)."""
     content = first_boxed(text)
-    content = content.strip() if content is not None else None
-    return content or None
+    if content is None or not any(ch.isalnum() for ch in content):
+        return None
+    return content.strip()
 
 
 def parse_vote(text, n_players):
-    """A vote: 0-based seat, "N/A" (abstention), or None (invalid), read from the first \\boxed{}."""
+    """A vote: 0-based seat, "N/A" (abstention), or None (invalid), read from the first \\boxed{}.
+    The box must hold exactly one seat (SEAT_VOTE) or an N/A (NA_VOTE), optionally wrapped once
+    in {...} or \\text{...}."""
     content = first_boxed(text)
     if content is None:
         return None
-    if re.fullmatch(r"\s*(n\s*/\s*a|na)\s*\.?\s*", content, flags=re.IGNORECASE):
-        return "N/A"
-    number = re.search(r"(?<![0-9.\-])[0-9]+(?![0-9.])", content)  # first standalone integer: not 2.5, not -1
-    if number is None or not 1 <= int(number.group()) <= n_players:
+    content = content.strip()
+    for opening in ("\\text{", "{"):
+        if content.startswith(opening) and content.endswith("}"):
+            content = content[len(opening):-1].strip()
+            break
+    if len(content) > LONGEST_VOTE:
         return None
-    return int(number.group()) - 1
+    if NA_VOTE.fullmatch(content):
+        return "N/A"
+    seat = SEAT_VOTE.fullmatch(content)
+    if seat is None or not 1 <= int(seat.group(1)) <= n_players:
+        return None
+    return int(seat.group(1)) - 1
 
 
 # -----------------------------------------------------------------------------
@@ -224,17 +249,48 @@ class Game:
 # Data: the layout make_games.py writes (DIR/pairs.jsonl + DIR/images/<id>_{original,modified}.png)
 
 
-def read_pairs(data_dir, split="train", eval_percent=10):
+def image_problem(pair, decode=False):
+    """None when both images of a pair open, else why not. verify() reads a file's structure in
+    about a millisecond; decode=True decodes every pixel (load()), which also finds a truncated
+    file that verify() passes, at ~5 ms an image (~20 s for 2,000 CLEVR pairs on one core)."""
+    try:
+        for key in ("original", "modified"):
+            with Image.open(pair[key]) as im:
+                im.load() if decode else im.verify()
+    except Exception as e:  # any unreadable file, whatever PIL raises for it
+        return f"cannot read its images ({type(e).__name__}: {e})"
+    return None
+
+
+def decodable_pairs(pairs):
+    """The pairs whose images decode completely; each one that does not is named and dropped, so
+    that a truncated image costs one game of a batch instead of the run."""
+    kept = []
+    for pair in pairs:
+        problem = image_problem(pair, decode=True)
+        if problem:
+            print(f"dropping pair {pair['id']} from this batch: {problem}")
+        else:
+            kept.append(pair)
+    return kept
+
+
+def read_pairs(data_dir, split="train", eval_percent=10, domain=None):
     """Pairs of a data folder, split by a hash of the id so that train and eval never overlap.
 
     A folder with no pairs.jsonl (e.g. a released Vision-Zero dataset) is read by file name:
-    every <id>_original.<ext> with its <id>_modified.<ext>. Pairs whose images cannot be opened
-    are skipped with a message.
+    every <id>_original.<ext> with its <id>_modified.<ext>. `domain` sets the game rules the pairs
+    are played under; None keeps each pair's own (pairs.jsonl), "photo" for a folder without
+    pairs.jsonl. Malformed lines and pairs whose images do not open are skipped with a message.
     """
     index = os.path.join(data_dir, "pairs.jsonl")
+    skipped = 0
     if os.path.exists(index):
-        with open(index) as f:
-            pairs = [json.loads(line) for line in f if line.strip()]
+        def bad_line(number, why):
+            nonlocal skipped
+            skipped += 1
+            print(f"skipping line {number} of {index}: {why}")
+        pairs = jsonl.read_jsonl(index, warn=bad_line)
     elif os.path.isdir(data_dir):
         pairs = []
         for root, _, files in sorted(os.walk(data_dir)):
@@ -251,20 +307,28 @@ def read_pairs(data_dir, split="train", eval_percent=10):
         sys.exit(f"error: data folder {data_dir} does not exist; make pairs with make_games.py first")
     wanted = []
     for pair in pairs:
+        if not all(isinstance(pair.get(key), str) for key in ("original", "modified")) or "id" not in pair:
+            skipped += 1
+            print(f"skipping pair {str(pair.get('id'))[:80]} of {index}: it needs an id and the paths original and modified")
+            continue
         held_out = zlib.crc32(str(pair["id"]).encode()) % 100 < eval_percent
         if held_out != (split == "eval"):
             continue
         for key in ("original", "modified"):
             pair[key] = os.path.join(data_dir, pair[key])
-        try:
-            for key in ("original", "modified"):
-                with Image.open(pair[key]) as im:
-                    im.verify()
-        except Exception as e:  # any unreadable file: skip the pair, say which and why
-            print(f"skipping pair {pair['id']}: cannot read its images ({type(e).__name__}: {e})")
+        problem = image_problem(pair)  # decoding every image up front would take too long: see decodable_pairs
+        if problem:
+            skipped += 1
+            print(f"skipping pair {pair['id']}: {problem}")
             continue
-        pair.setdefault("domain", "photo")
+        pair["domain"] = domain or pair.get("domain") or "photo"
+        if not isinstance(pair["domain"], str) or pair["domain"] not in DOMAIN_RULES:
+            skipped += 1
+            print(f"skipping pair {pair['id']}: unknown domain {str(pair['domain'])[:80]!r} (one of {', '.join(DOMAIN_RULES)})")
+            continue
         wanted.append(pair)
+    if skipped:
+        print(f"{data_dir}: skipped {skipped} unreadable pairs or lines, kept {len(wanted)} {split} pairs")
     return wanted
 
 
@@ -418,6 +482,9 @@ def add_game_args(parser):
                         help="what the spy sees: the edited image (v1, code) or an empty picture (v2 text)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest clue or decision completion")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of every turn")
+    parser.add_argument("--domain", choices=sorted(DOMAIN_RULES),
+                        help="game rules the pairs are played under (default: each pair's own domain from pairs.jsonl; "
+                             "photo for a folder without pairs.jsonl, so give --domain clevr for the released CLEVR pairs)")
 
 
 def check_game_args(cfg):

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import jsonl
 import rlvr
 import selfplay
 import spo
@@ -198,12 +200,7 @@ def reference_policy(policy, cfg):
     return selfplay.Policy(frozen)
 
 
-def latest_checkpoint(out):
-    pointer = os.path.join(out, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out, f.read().strip())
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
 
 
 def write_json_atomic(path, obj):
@@ -212,22 +209,104 @@ def write_json_atomic(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def checkpoint_problem(folder):
+    """(state, None) when a checkpoint folder reads back whole, else (None, what is wrong). Cheap
+    at any model size: safetensors headers are checked against the file sizes and optimizer.pt is
+    memory-mapped, so a truncated or empty file is found without reading the weights."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        if not (isinstance(state, dict) and isinstance(state.get("iteration"), int) and isinstance(state.get("stage"), str)):
+            return None, "state.json holds no iteration and stage"
+    except (OSError, ValueError) as e:
+        return None, f"state.json unreadable ({type(e).__name__})"
+    weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    if not weights:
+        return None, "no weights (*.safetensors)"
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            return None, f"{name} unreadable ({str(e).splitlines()[0][:80]})"
+    try:
+        torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, mmap=True, map_location="cpu")
+    except Exception as e:  # a missing, empty or truncated file: OSError or RuntimeError
+        return None, f"optimizer.pt unreadable ({type(e).__name__})"
+    return state, None
+
+
+def checkpoint_folders(out):
+    """The ckpt-NNNNNN folders of a run folder, newest first, as (iteration, name)."""
+    found = [(int(m.group(1)), name) for name in (os.listdir(out) if os.path.isdir(out) else [])
+             if (m := CHECKPOINT_NAME.fullmatch(name)) and os.path.isdir(os.path.join(out, name))]
+    return sorted(found, reverse=True)
+
+
+def resume_point(out):
+    """(folder, state, note) of the newest checkpoint of a run folder that reads back whole;
+    (None, None, None) for a run not started. The note (None when all is well) is one line that
+    names the damaged newer checkpoints and the iterations that will be redone. A run folder
+    with checkpoints, none of them usable, ends the program with one line that says what to do."""
+    pointer, claimed = os.path.join(out, "latest"), []
+    if os.path.exists(pointer):  # `latest` names the last checkpoint saved; it may be empty or stale
+        try:
+            with open(pointer) as f:
+                named = f.read().strip()
+        except OSError:
+            named = ""
+        m = CHECKPOINT_NAME.fullmatch(named)
+        if m is None:
+            claimed.append((0, "latest is empty or unreadable"))
+        elif not os.path.isdir(os.path.join(out, named)):
+            claimed.append((int(m.group(1)), f"latest names {named}, which is missing"))
+    for iteration, name in checkpoint_folders(out):
+        state, problem = checkpoint_problem(os.path.join(out, name))
+        if problem is None:
+            redo = max([k for k, _ in claimed], default=0)
+            damaged = "; ".join(why for _, why in claimed)
+            redone = f"iteration {redo}" if redo == iteration + 1 else f"iterations {iteration + 1}-{redo}"
+            note = (f"{out}: {damaged}; resuming from {name}" + (f", {redone} will be redone" if redo > iteration else "")
+                    if claimed else None)
+            return os.path.join(out, name), state, note
+        claimed.append((iteration, f"{name} is damaged ({problem})"))
+    if claimed:
+        sys.exit(f"error: no usable checkpoint in {out} ({'; '.join(why for _, why in claimed)}); "
+                 f"start again with another --out, or delete {out} to restart this run from iteration 0")
+    return None, None, None
+
+
+def progress(out):
+    """'iteration stage' of the checkpoint a resume would start from, or '0 start': what run.sh
+    reads between stages, so that it sees exactly what the stage scripts will resume from."""
+    _, state, _ = resume_point(out)
+    return f"{state['iteration']} {state['stage']}" if state else "0 start"
+
+
 def save_checkpoint(out, policy, processor, optimizer, state):
-    """Write ckpt-NNNNNN completely, then point `latest` at it (an atomic rename), then drop older
-    ones: a crash at any moment leaves `latest` naming a whole checkpoint."""
+    """Write ckpt-NNNNNN completely, check that it reads back, point `latest` at it (an atomic
+    rename), then drop every other checkpoint folder but the newest good older one: a crash at
+    any moment, or a newest checkpoint damaged later, leaves a whole checkpoint to resume from."""
     name = f"ckpt-{state['iteration']:06d}"
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
     policy.model.save_pretrained(folder)  # safetensors: the LoRA adapter, or the whole model
     processor.save_pretrained(folder)
     torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-    write_json_atomic(os.path.join(folder, "state.json"), state)
+    write_json_atomic(os.path.join(folder, "state.json"), state)  # last: its presence marks a whole folder
+    _, problem = checkpoint_problem(folder)
+    if problem:
+        sys.exit(f"error: the checkpoint just written, {folder}, does not read back ({problem}); "
+                 "the previous one is kept: free some disk space and rerun to resume")
     with open(os.path.join(out, "latest.tmp"), "w") as f:
         f.write(name)
     os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    for old in os.listdir(out):
-        if old.startswith("ckpt-") and old != name:
-            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    older = [n for k, n in checkpoint_folders(out) if k < state["iteration"]]
+    previous = next((n for n in older if checkpoint_problem(os.path.join(out, n))[1] is None), None)
+    for _, other in checkpoint_folders(out):  # older ones, damaged ones, empty leftovers of a kill
+        if other not in (name, previous):
+            shutil.rmtree(os.path.join(out, other), ignore_errors=True)
 
 
 def fresh_state(cfg):
@@ -237,13 +316,14 @@ def fresh_state(cfg):
 
 
 def trim_log(path, last_iteration):
-    """Drop metric lines of iterations after the checkpoint (a crash between log and save)."""
+    """Keep the metric lines of iterations up to the checkpoint's: drops those logged after it (a
+    crash between log and save) and a line cut short by a kill while it was written."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+    rows = [row for row in jsonl.read_jsonl(path)
+            if isinstance(row.get("iteration"), int) and row["iteration"] <= last_iteration]
     with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(path + ".tmp", path)
 
 
@@ -334,18 +414,17 @@ def batch_metrics(games, cfg):
 def main(stage):
     cfg = parse_args(stage)
     os.makedirs(os.path.join(cfg.out, "games"), exist_ok=True)
-    checkpoint = latest_checkpoint(cfg.out)
-    state = fresh_state(cfg)
-    if checkpoint:
-        with open(os.path.join(checkpoint, "state.json")) as f:
-            state = json.load(f)
+    checkpoint, state, note = resume_point(cfg.out)
+    if note:
+        print(note)
+    state = state or fresh_state(cfg)
     if state["iteration"] >= cfg.iterations:
         print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
         return
     if state["stage"] != stage:
         script = "spo.py" if state["stage"] == "clue" else "rlvr.py"
         sys.exit(f"error: the run in {cfg.out} is in the {state['stage']} stage: run `python {script}` with the same flags, or `bash run.sh`")
-    pairs = selfplay.read_pairs(cfg.data, "train")
+    pairs = selfplay.read_pairs(cfg.data, "train", domain=cfg.domain)
     if not pairs:
         sys.exit(f"error: no readable training pairs in {cfg.data}; make some with `python make_games.py --out {cfg.data}`")
 
@@ -366,7 +445,9 @@ def main(stage):
         started = time.time()
         rng = random.Random(f"{cfg.seed}-{iteration}")
         torch.manual_seed(rng.randrange(2**31))  # sampling is a function of (seed, iteration): resumes replay exactly
-        pairs_now = batch_pairs(pairs, iteration, cfg)
+        pairs_now = selfplay.decodable_pairs(batch_pairs(pairs, iteration, cfg))
+        if not pairs_now:
+            sys.exit(f"error: no image of iteration {iteration}'s pairs decodes; check the images in {cfg.data}")
         spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
         games, gen_tokens = selfplay.play_games(pairs_now, spy_seats, [(policy, policy)] * len(pairs_now), processor, cfg)
         generated = time.time()
