@@ -241,7 +241,7 @@ def render_game(game, thumbnails):
                        f'<pre>{esc(clue.get("reasoning", ""))}</pre></details></div>')
         out.append("</div>")
     votes = game.get("votes") or []
-    tally = ", ".join(f'{player_name(seat)}{" (spy)" if seat == spy else ""}: {count}' for seat, count in enumerate(votes))
+    tally = ", ".join(f'{player_name(seat)}{" (spy)" if seat == spy else ""}: {fmt(count)}' for seat, count in enumerate(votes))
     out.append(f"<h4>decision</h4><p>votes per seat: {tally or '—'}</p>")
     out.append("<table><tr><th>#</th><th>voter</th><th>vote</th><th>reward</th><th>advantage</th><th>completion</th></tr>")
     for number, decision in enumerate(game.get("decisions", []), 1):
