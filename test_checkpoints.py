@@ -75,6 +75,8 @@ DAMAGE = {
     "truncated state": lambda out: truncate(out / "ckpt-000003" / "state.json"),
     "state not an object": lambda out: (out / "ckpt-000003" / "state.json").write_text("[3]"),
     "no state (killed mid-write)": lambda out: os.remove(out / "ckpt-000003" / "state.json"),
+    "missing weight shard": lambda out: (out / "ckpt-000003" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}})),
 }
 
 

@@ -224,6 +224,15 @@ def checkpoint_problem(folder):
     weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     if not weights:
         return None, "no weights (*.safetensors)"
+    index = os.path.join(folder, "model.safetensors.index.json")  # a model saved in shards
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                missing = set(json.load(f)["weight_map"].values()) - set(weights)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return None, f"model.safetensors.index.json unreadable ({type(e).__name__})"
+        if missing:
+            return None, f"weight shards missing ({', '.join(sorted(missing))})"
     for name in weights:
         try:
             with safe_open(os.path.join(folder, name), "pt") as f:
