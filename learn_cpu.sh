@@ -40,7 +40,7 @@ if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
   python3 make_tiny_model.py --out "$OUT/tiny-vlm" --hidden 192 --layers 3 --heads 4 --vision-hidden 96 \
     --vision-depth 3 --vocab-size 768 --min-pixels 12544 --max-pixels 12544
 fi
-if [ ! -f "$DATA/pairs.jsonl" ]; then
+if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
   python3 make_games.py --domain cells --n 2000 --out "$DATA"
 fi
 python3 warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
