@@ -8,7 +8,7 @@
 # the seconds of generation and of update, generated tokens/s and peak GPU memory (metrics.jsonl).
 # A random model never stops, so every turn runs to MAX_NEW_TOKENS: the worst case.
 #
-#   bash bench_gpu.sh                              # one GPU: about 6 minutes (budget: 8)
+#   bash bench_gpu.sh                              # one GPU: meant to fit in 8 minutes (not yet timed on one)
 #   GAMES=16 BENCH=runs/bench-16 bash bench_gpu.sh # run.sh's batch of 16 games: a longer update
 #
 # With no CUDA GPU the same path runs on the CPU at a reduced depth and with short turns (1 text

@@ -1,6 +1,6 @@
 """run.sh's GPU settings at Qwen2.5-VL-7B's real layer shapes, on the CPU.
 
-    OMP_NUM_THREADS=1 python -m pytest -q test_7b_shape.py      # slow: about 6 minutes on one core
+    OMP_NUM_THREADS=1 python -m pytest -q test_7b_shape.py      # slow: 5 CPU-minutes, peak RSS 3 GB
 
 bench_gpu.sh runs once, with its CPU fallback: a random-weight model with every layer of the 7B's
 shape (make_tiny_model.py --shape 7b, 1 text layer, 2 vision blocks, the real processor's pixel
