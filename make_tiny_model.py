@@ -10,8 +10,18 @@ Qwen/Qwen2.5-VL-7B-Instruct, so everything downstream runs unchanged.
 
     python make_tiny_model.py --out tiny-vlm            # 0.2M parameters, builds in a second
     python make_tiny_model.py --out tiny-vlm --hidden 192 --layers 3 --heads 4
+    python make_tiny_model.py --out vlm-7b-shape --shape 7b --layers 1 --vision-depth 2
 
-Images cost 1-4 visual tokens at the default --max-pixels (28*28 .. 56*56 pixels after resizing).
+Images cost 1-4 visual tokens at the tiny shape's --max-pixels (28*28 .. 56*56 pixels after resizing).
+
+--shape 7b gives every layer Qwen2.5-VL-7B-Instruct's shape (text: hidden 3584, 28 heads, 4 kv
+heads, MLP 18944, mrope [16, 24, 24]; vision: hidden 1280, 16 heads, MLP 3420, window 112, full
+attention in blocks 7/15/23/31 where the depth has them) and the real processor's pixel limits
+(3136 .. 12845056: a 480x320 picture is 187 visual tokens); --layers / --vision-depth cut the
+depth (28 and 32 by default: the full 7B, 7.2B parameters, 14.4 GB in bfloat16). Only the
+vocabulary stays the project's own 512-token BPE: the real 152064-token one changes the size of
+the embedding and the output layer, not of a layer, and needs the real tokenizer. Timing and memory
+do not depend on the weights' values, so such a model stands in for the real one in benchmarks.
 """
 import argparse
 import json
@@ -93,7 +103,38 @@ def remove_stale_staging(parent):
             continue
 
 
+# Each shape's values for the flags left unset. The tiny shape derives the rest from its sizes
+# (kv heads half the heads, MLP 3x hidden, 2 vision heads, vision MLP 2x, window 56, full attention
+# in the last block); the 7b one is Qwen2.5-VL-7B-Instruct's config.json.
+SHAPES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2, min_pixels=28 * 28,
+                 max_pixels=56 * 56, init_range=0.06, dtype="float32"),
+    "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, max_positions=128000,
+               vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420, window=112,
+               fullatt_blocks=[7, 15, 23, 31], min_pixels=3136, max_pixels=12845056,
+               init_range=0.02, dtype="bfloat16"),
+}
+
+
+def resolve_shape(args):
+    """args with every size filled in: the flags given, then --shape's values, then the tiny rules.
+    Fields absent from args count as unset (callers may pass a Namespace of the original flags)."""
+    shape = SHAPES[getattr(args, "shape", None) or "tiny"]
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    r = argparse.Namespace(**{**shape, **given})
+    r.shape = getattr(args, "shape", None) or "tiny"
+    defaults = dict(kv_heads=max(1, r.heads // 2), intermediate=r.hidden * 3, max_positions=4096,
+                    vision_heads=2, vision_intermediate=r.vision_hidden * 2, window=56,
+                    fullatt_blocks=[r.vision_depth - 1], device="cpu")
+    for name, value in defaults.items():
+        if getattr(r, name, None) is None:
+            setattr(r, name, value)
+    r.fullatt_blocks = [b for b in r.fullatt_blocks if b < r.vision_depth]
+    return r
+
+
 def build(args):
+    args = resolve_shape(args)
     Processor = selfplay.register_image_only_processor()
     try:  # transformers 5.x: the PIL image processor (the default one needs torchvision)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as ImageProcessor
@@ -112,20 +153,21 @@ def build(args):
     config = Qwen2_5_VLConfig(
         text_config=dict(
             hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-            num_key_value_heads=max(1, args.heads // 2), intermediate_size=args.hidden * 3,
-            vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
+            num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+            vocab_size=len(tokenizer), max_position_embeddings=args.max_positions, tie_word_embeddings=True,
             rope_scaling={"type": "mrope", "mrope_section": mrope}, initializer_range=args.init_range,
             bos_token_id=token("<|endoftext|>"), eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>")),
         vision_config=dict(
-            depth=args.vision_depth, hidden_size=args.vision_hidden, num_heads=2,
-            intermediate_size=args.vision_hidden * 2, out_hidden_size=args.hidden, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-            fullatt_block_indexes=[args.vision_depth - 1], initializer_range=args.init_range),
+            depth=args.vision_depth, hidden_size=args.vision_hidden, num_heads=args.vision_heads,
+            intermediate_size=args.vision_intermediate, out_hidden_size=args.hidden, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=args.window,
+            fullatt_block_indexes=args.fullatt_blocks, initializer_range=args.init_range),
         image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
         vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"),
         tie_word_embeddings=True, initializer_range=args.init_range, bos_token_id=token("<|endoftext|>"))
     torch.manual_seed(args.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.device(args.device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, args.dtype))
     model.generation_config.eos_token_id = [token("<|im_end|>"), token("<|endoftext|>")]
     model.generation_config.pad_token_id = token("<|endoftext|>")
 
@@ -146,27 +188,33 @@ def build(args):
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename happened
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, saved to {args.out}")
+    print(f"{args.shape} Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, saved to {args.out}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tiny-vlm", help="folder to write the model, its tokenizer and processor to")
-    parser.add_argument("--hidden", type=int, default=64, help="text hidden size (divisible by 8 * heads)")
-    parser.add_argument("--layers", type=int, default=2, help="text decoder layers")
-    parser.add_argument("--heads", type=int, default=4, help="text attention heads (kv heads are half)")
-    parser.add_argument("--vision-hidden", type=int, default=32, help="vision tower width (divisible by 8)")
-    parser.add_argument("--vision-depth", type=int, default=2, help="vision tower blocks; the last uses full attention")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="layer shapes: tiny (0.2M parameters) or 7b (Qwen2.5-VL-7B's; cut depth with --layers/--vision-depth)")
+    parser.add_argument("--hidden", type=int, help="text hidden size, divisible by 8 * heads (tiny: 64)")
+    parser.add_argument("--layers", type=int, help="text decoder layers (tiny: 2, 7b: 28)")
+    parser.add_argument("--heads", type=int, help="text attention heads (tiny: 4 with 2 kv heads, 7b: 28 with 4)")
+    parser.add_argument("--vision-hidden", type=int, help="vision tower width (tiny: 32, 7b: 1280)")
+    parser.add_argument("--vision-depth", type=int, help="vision tower blocks (tiny: 2, the last with full attention; 7b: 32)")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size, special tokens included")
-    parser.add_argument("--min-pixels", type=int, default=28 * 28, help="images are resized to at least this many pixels")
-    parser.add_argument("--max-pixels", type=int, default=56 * 56, help="and at most this many (56*56 = 4 visual tokens)")
-    parser.add_argument("--init-range", type=float, default=0.06,
-                        help="weight init std; 0.02 (transformers' default) leaves a tiny model image-blind for minutes")
+    parser.add_argument("--min-pixels", type=int, help="images are resized to at least this many pixels (tiny: 28*28, 7b: 3136)")
+    parser.add_argument("--max-pixels", type=int, help="and at most this many (tiny: 56*56 = 4 visual tokens, 7b: 12845056)")
+    parser.add_argument("--init-range", type=float,
+                        help="weight init std (tiny: 0.06, as 0.02 leaves a tiny model image-blind for minutes; 7b: 0.02)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="dtype of the saved weights (tiny: float32, 7b: bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu",
+                        help="where the weights are drawn: cuda makes the full 7b shape in seconds, not minutes (other values then)")
+    args = resolve_shape(parser.parse_args())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain kill runs the cleanup in build()
-    if args.hidden % (8 * args.heads) or args.vision_hidden % 8:
-        parser.error("--hidden must be divisible by 8 * --heads and --vision-hidden by 8 (rotary sections)")
+    if args.hidden % (8 * args.heads) or args.heads % args.kv_heads or args.vision_hidden % (4 * args.vision_heads):
+        parser.error("--hidden must be divisible by 8 * --heads, --heads by the kv heads and --vision-hidden by 4 * "
+                     "the vision heads (rotary sections)")
     build(args)
 
 

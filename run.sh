@@ -7,6 +7,8 @@
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
 #   MODEL=/path/to/model DATA=games/chart DOMAIN=chart bash run.sh
 #   SCHEDULE=decision OUT=runs/rlvr-only bash run.sh    # ablations: decision | clue | alternate
+#   GPU_SETTINGS=1 MODEL=vlm-7b-shape bash run.sh  # the GPU settings with no GPU (the CPU check of them)
+#   EVAL_GAMES=0 bash run.sh                      # train only: no evaluation, no report
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -19,7 +21,7 @@ cd "$(dirname "$0")"
 DOMAIN_FLAG=()
 if [ -n "${DOMAIN:-}" ]; then DOMAIN_FLAG=(--domain "$DOMAIN"); fi
 
-if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+if [ "${GPU_SETTINGS:-0}" = 1 ] || python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   MODEL=${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}
   DOMAIN=${DOMAIN:-clevr}
   DATA=${DATA:-games/$DOMAIN}
@@ -28,7 +30,7 @@ if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
   ITERATIONS=${ITERATIONS:-100}
   GAMES=${GAMES:-16}
   EVAL_GAMES=${EVAL_GAMES:-100}
-  SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}")
+  SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}" --dtype bfloat16)
 else
   echo "No CUDA GPU: this is a CPU demo of the mechanics (a tiny random-weight Qwen2.5-VL, short"
   echo "games). It shows the whole Iterative-SPO loop running, not a model learning."
@@ -78,6 +80,10 @@ while true; do
   fi
 done
 
+if [ "$EVAL_GAMES" = 0 ]; then
+  echo "Done: trained $OUT (EVAL_GAMES=0: no evaluation, no report); metrics in $OUT/metrics.jsonl."
+  exit 0
+fi
 python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"
 python3 report.py "$OUT"
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."

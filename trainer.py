@@ -452,6 +452,9 @@ def main(stage):
     while state["iteration"] < cfg.iterations:
         iteration = state["iteration"] + 1
         started = time.time()
+        on_cuda = cfg.device.startswith("cuda")
+        if on_cuda:  # the peak of this iteration alone
+            torch.cuda.reset_peak_memory_stats()
         rng = random.Random(f"{cfg.seed}-{iteration}")
         torch.manual_seed(rng.randrange(2**31))  # sampling is a function of (seed, iteration): resumes replay exactly
         pairs_now = selfplay.decodable_pairs(batch_pairs(pairs, iteration, cfg))
@@ -485,6 +488,8 @@ def main(stage):
             "seconds_generate": generated - started, "seconds_update": updated - generated,
             "seconds": time.time() - started,
         }
+        if on_cuda:
+            metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         # log first, then checkpoint: a crash in between leaves lines that trim_log drops on resume
         with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
             for g, game in enumerate(games):

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# bench_gpu.sh: time and memory of run.sh's GPU settings at Qwen2.5-VL-7B's full shape, with
+# nothing to download. It builds a random-weight model of the 7B's shape with the project's
+# builder (make_tiny_model.py --shape 7b: 7.2B parameters, bfloat16), makes a few CLEVR pairs
+# (make_games.py, 480x320 pictures: 187 visual tokens each), runs 2 iterations of run.sh's GPU
+# settings (LoRA 64 on the text projections, gradient checkpointing, micro-batch 4, bfloat16;
+# SCHEDULE=alternate: one decision-stage and one clue-stage iteration) and prints per iteration
+# the seconds of generation and of update, generated tokens/s and peak GPU memory (metrics.jsonl).
+# A random model never stops, so every turn runs to MAX_NEW_TOKENS: the worst case.
+#
+#   bash bench_gpu.sh                              # one GPU: meant to fit in 8 minutes (not yet timed on one)
+#   GAMES=16 BENCH=runs/bench-16 bash bench_gpu.sh # run.sh's batch of 16 games: a longer update
+#
+# With no CUDA GPU the same path runs on the CPU at a reduced depth and with short turns (1 text
+# layer, 2 vision blocks, 4-token turns, one clue round, 2 judge samples: minutes; test_7b_shape.py
+# runs it so). Every size is an environment variable: LAYERS, VISION_DEPTH, MAX_NEW_TOKENS, GAMES,
+# PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  DEVICE=cuda
+  LAYERS=${LAYERS:-28}
+  VISION_DEPTH=${VISION_DEPTH:-32}
+  MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
+  GAMES=${GAMES:-4}
+  EXTRA=${EXTRA:-}
+else
+  echo "No CUDA GPU: the GPU settings on the CPU, at the 7B's layer shapes but a reduced depth and short turns."
+  DEVICE=cpu
+  LAYERS=${LAYERS:-1}
+  VISION_DEPTH=${VISION_DEPTH:-2}
+  MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-4}
+  GAMES=${GAMES:-2}
+  EXTRA=${EXTRA:---rounds 1 --samples 2}
+fi
+PAIRS=${PAIRS:-20}
+EVAL_GAMES=${EVAL_GAMES:-0}
+BENCH=${BENCH:-runs/bench-gpu}
+
+started=$(date +%s)
+python3 make_tiny_model.py --shape 7b --layers "$LAYERS" --vision-depth "$VISION_DEPTH" --device "$DEVICE" \
+  --out "$BENCH/model"
+[ -f "$BENCH/games/pairs.jsonl" ] || python3 make_games.py --domain clevr --n "$PAIRS" --out "$BENCH/games"
+rm -rf "$BENCH/run"  # timings of a fresh run, not a resumed one
+built=$(date +%s)
+GPU_SETTINGS=1 MODEL="$BENCH/model" DATA="$BENCH/games" OUT="$BENCH/run" ITERATIONS=2 SCHEDULE=alternate \
+  GAMES="$GAMES" EVAL_GAMES="$EVAL_GAMES" EXTRA="--max-new-tokens $MAX_NEW_TOKENS $EXTRA" bash run.sh
+finished=$(date +%s)
+
+python3 - "$BENCH/run/metrics.jsonl" "$DEVICE" <<'EOF'
+import json, sys
+import torch
+metrics = [json.loads(line) for line in open(sys.argv[1])]
+device = torch.cuda.get_device_name() if sys.argv[2] == "cuda" else "CPU"
+print(f"\nbench_gpu.sh on {device}")
+print("iteration  stage     generate_s  update_s  gen_tokens/s  peak_gpu_GB")
+for m in metrics:
+    peak = f"{m['peak_gpu_memory_gb']:.1f}" if "peak_gpu_memory_gb" in m else "n/a"
+    print(f"{m['iteration']:>9}  {m['stage']:<8}  {m['seconds_generate']:>10.1f}  {m['seconds_update']:>8.1f}"
+          f"  {m['gen_tokens_per_s']:>12.1f}  {peak:>11}")
+EOF
+echo "model and pairs: $((built - started)) s; run.sh (2 iterations, model loads included): $((finished - built)) s"
