@@ -7,6 +7,7 @@
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
 #   MODEL=/path/to/model DATA=games/chart DOMAIN=chart bash run.sh
 #   SCHEDULE=decision OUT=runs/rlvr-only bash run.sh    # ablations: decision | clue | alternate
+#   GPUS=8 bash run.sh                            # one node, 8 processes via torchrun (docs/multi-gpu.md)
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -43,6 +44,8 @@ else
   fi
 fi
 SCHEDULE=${SCHEDULE:-iterative}
+GPUS=${GPUS:-1}  # processes on this node: data parallel over torchrun (DDP for LoRA, FSDP2 for --lora-rank 0)
+if [ "$GPUS" -gt 1 ]; then LAUNCH=(torchrun --standalone --nproc_per_node "$GPUS"); else LAUNCH=(python3); fi
 
 if [ ! -f "$DATA/pairs.jsonl" ]; then
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
@@ -72,7 +75,7 @@ while true; do
   if [ "$stage" = start ]; then
     stage=$([ "$SCHEDULE" = clue ] && echo clue || echo decision)
   fi
-  if [ "$stage" = decision ]; then python3 rlvr.py "${ARGS[@]}"; else python3 spo.py "${ARGS[@]}"; fi
+  if [ "$stage" = decision ]; then "${LAUNCH[@]}" rlvr.py "${ARGS[@]}"; else "${LAUNCH[@]}" spo.py "${ARGS[@]}"; fi
   read -r after _ < <(progress)
   if [ "$after" -le "$done_iterations" ]; then
     echo "run.sh: the $stage stage made no progress in $OUT; see its output above" >&2
@@ -80,6 +83,6 @@ while true; do
   fi
 done
 
-python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"
+python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
 python3 report.py "$OUT"
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."
