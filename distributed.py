@@ -17,6 +17,7 @@ What is split and what is synchronised (docs/multi-gpu.md says more):
 """
 import os
 import sys
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -34,29 +35,6 @@ def init():
 
 def active():
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def finish():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def check_split(cfg):
-    """Every rank needs games. FSDP2 runs collectives in every forward pass, and --minibatches > 1
-    needs the same number of optimiser steps everywhere: both need equal shares."""
-    w = world_size()
-    if cfg.games < w:
-        sys.exit(f"error: --games {cfg.games} is fewer than the {w} processes: give each at least one game")
-    if (cfg.lora_rank == 0 or cfg.minibatches > 1) and cfg.games % w:
-        sys.exit(f"error: --games {cfg.games} must be a multiple of the {w} processes with --lora-rank 0 "
-                 "(FSDP2) or --minibatches > 1")
-
-
-def check_resume(saved_world_size, out):
-    """A run replays exactly only with its own number of processes (sampling seeds and shares)."""
-    if saved_world_size != world_size():
-        sys.exit(f"error: the run in {out} was trained with {saved_world_size} processes, not {world_size()}: "
-                 f"resume it with torchrun --nproc_per_node {saved_world_size} (or python for 1)")
 
 
 def rank():
@@ -77,6 +55,24 @@ def device(requested):
     if active() and requested == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return requested
+
+
+def check_split(cfg):
+    """Every rank needs games. FSDP2 runs collectives in every forward pass, and --minibatches > 1
+    needs the same number of optimiser steps everywhere: both need equal shares."""
+    w = world_size()
+    if cfg.games < w:
+        sys.exit(f"error: --games {cfg.games} is fewer than the {w} processes: give each at least one game")
+    if (cfg.lora_rank == 0 or cfg.minibatches > 1) and cfg.games % w:
+        sys.exit(f"error: --games {cfg.games} must be a multiple of the {w} processes with --lora-rank 0 "
+                 "(FSDP2) or --minibatches > 1")
+
+
+def check_resume(saved_world_size, out):
+    """A run replays exactly only with its own number of processes (sampling seeds and shares)."""
+    if saved_world_size != world_size():
+        sys.exit(f"error: the run in {out} was trained with {saved_world_size} processes, not {world_size()}: "
+                 f"resume it with torchrun --nproc_per_node {saved_world_size} (or python for 1)")
 
 
 def my_share(n):
@@ -211,3 +207,9 @@ def load_optimizer(model, optimizer, saved):
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def finish():
+    """Leave the process group at the end of a run (torchrun otherwise warns)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
