@@ -17,7 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 import distributed
+import rlvr
 import selfplay
+import spo
 import trainer
 from test_smoke import game_cfg, run, sample_turns
 
@@ -34,6 +36,60 @@ def test_shares_are_contiguous_and_cover_every_game(monkeypatch):
                 monkeypatch.setattr(distributed, "world_size", lambda: world)
                 shares += list(range(n))[distributed.my_share(n)]
             assert shares == list(range(n))  # rank order = the one-process order
+
+
+def scripted_games(n=5, players=4):
+    """Games with fixed votes (no model): rewards, and so RAE baselines, that are not all 0."""
+    from PIL import Image
+    games = []
+    for g in range(n):
+        game = selfplay.Game(pair={"id": f"{g:06d}", "domain": "photo"}, spy=g % players)
+        game.clues = [selfplay.Turn(seat, 0, f"clue {g} {seat}", Image.new("RGB", (8, 8))) for seat in range(players)]
+        game.decisions = [selfplay.Turn(-1, -1, f"vote {g} {k}", Image.new("RGB", (8, 8)), parsed=(g + k * k) % players)
+                          for k in range(3)]
+        games.append(game)
+    return games
+
+
+def games_worker(rank, world, port, out):
+    """One rank: play its share of the scripted games, gather, score and take its own samples."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init()
+    cfg = game_cfg()
+    own = scripted_games()[distributed.my_share(5)]
+    games = distributed.gather_games(own)
+    spo.score_clues(games, cfg)
+    rlvr.score_decisions(games, cfg)
+    baselines = {"spy": 0.1, "civilian": -0.2}
+    turns, advantages = distributed.own_samples(*spo.clue_samples(games, baselines, cfg), own)
+    torch.save({"ids": [g.pair["id"] for g in games], "baselines": baselines, "stats": selfplay.decision_stats(games),
+                "turns": [t.prompt for t in turns], "advantages": advantages,
+                "pictures": all(t.image is not None for t in turns),
+                "decisions": [t.prompt for t in distributed.own_samples(*rlvr.decision_samples(games, cfg), own)[0]]},
+               os.path.join(out, f"rank{rank}.pt"))
+    distributed.finish()
+
+
+def test_ranks_score_the_global_batch_and_train_on_their_own_games(tmp_path):
+    """Role baselines (Eq. 2) and decision statistics come from all ranks' games, identically on
+    every rank; each rank trains on its own games' samples, with the one-process advantages."""
+    mp.spawn(games_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    cfg = game_cfg()
+    games = scripted_games()
+    spo.score_clues(games, cfg)
+    rlvr.score_decisions(games, cfg)
+    baselines = {"spy": 0.1, "civilian": -0.2}
+    turns, advantages = spo.clue_samples(games, baselines, cfg)
+    assert baselines != {"spy": 0.1, "civilian": -0.2}  # the rewards moved them
+    for r in ranks:
+        assert r["ids"] == [g.pair["id"] for g in games]
+        assert r["baselines"] == baselines and r["stats"] == selfplay.decision_stats(games)
+        assert r["pictures"]  # a rank's own games keep their pictures for the update
+    assert ranks[0]["turns"] + ranks[1]["turns"] == [t.prompt for t in turns]
+    assert ranks[0]["advantages"] + ranks[1]["advantages"] == advantages
+    assert len(ranks[0]["turns"]) == 4 * 2 and len(ranks[1]["turns"]) == 4 * 3  # 2 and 3 of the 5 games
+    assert ranks[0]["decisions"] + ranks[1]["decisions"] == [t.prompt for g in games for t in g.decisions]
 
 
 def fixed_turns(processor, pairs):
