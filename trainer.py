@@ -386,7 +386,8 @@ def main(stage):
         pairs_now = batch_pairs(pairs, iteration, cfg)
         spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
         mine = distributed.my_share(len(pairs_now))  # all of them in one process
-        own_games, gen_tokens = selfplay.play_games(pairs_now[mine], spy_seats[mine], [(policy, policy)] * len(pairs_now[mine]), processor, cfg)
+        own_pairs, own_seats = pairs_now[mine], spy_seats[mine]
+        own_games, gen_tokens = selfplay.play_games(own_pairs, own_seats, [(policy, policy)] * len(own_pairs), processor, cfg)
         games, gen_tokens = distributed.gather_games(own_games), distributed.total(gen_tokens)
         generated = time.time()
 
