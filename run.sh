@@ -9,6 +9,7 @@
 #   SCHEDULE=decision OUT=runs/rlvr-only bash run.sh    # ablations: decision | clue | alternate
 #   GPU_SETTINGS=1 MODEL=vlm-7b-shape bash run.sh  # the GPU settings with no GPU (the CPU check of them)
 #   EVAL_GAMES=0 bash run.sh                      # train only: no evaluation, no report
+#   GPUS=8 bash run.sh                            # one node, 8 processes via torchrun (docs/multi-gpu.md)
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -49,6 +50,8 @@ else
   fi
 fi
 SCHEDULE=${SCHEDULE:-iterative}
+GPUS=${GPUS:-1}  # processes on this node: data parallel over torchrun (DDP for LoRA, FSDP2 for --lora-rank 0)
+if [ "$GPUS" -gt 1 ]; then LAUNCH=(torchrun --standalone --nproc_per_node "$GPUS"); else LAUNCH=(python3); fi
 
 if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
@@ -71,7 +74,7 @@ while true; do
   if [ "$stage" = start ]; then
     stage=$([ "$SCHEDULE" = clue ] && echo clue || echo decision)
   fi
-  if [ "$stage" = decision ]; then python3 rlvr.py "${ARGS[@]}"; else python3 spo.py "${ARGS[@]}"; fi
+  if [ "$stage" = decision ]; then "${LAUNCH[@]}" rlvr.py "${ARGS[@]}"; else "${LAUNCH[@]}" spo.py "${ARGS[@]}"; fi
   now=$(progress)
   read -r after _ <<< "$now"
   if [ "$after" -le "$done_iterations" ]; then
@@ -84,6 +87,6 @@ if [ "$EVAL_GAMES" = 0 ]; then
   echo "Done: trained $OUT (EVAL_GAMES=0: no evaluation, no report); metrics in $OUT/metrics.jsonl."
   exit 0
 fi
-python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"
+python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
 python3 report.py "$OUT"
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."

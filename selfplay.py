@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 import jsonl
+import distributed
 
 # -----------------------------------------------------------------------------
 # Prompts (method.md section 1, in our own words)
@@ -432,7 +433,8 @@ def generate(policy, processor, turns, cfg):
         out = model.generate(**inputs, do_sample=True, temperature=cfg.temperature, top_k=0,
                              top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                              suppress_tokens=special_vision_ids(processor),
-                             pad_token_id=processor.tokenizer.pad_token_id)
+                             pad_token_id=processor.tokenizer.pad_token_id,
+                             synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together
     stops, n_tokens = stop_ids(model), 0
     for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
         end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import jsonl
+import distributed
 import rlvr
 import selfplay
 import spo
@@ -121,8 +122,10 @@ def learning_rate(iteration, cfg):
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
     accumulated over micro-batches, clipped and skipped if not finite.
-    Returns the mean loss and kl, the largest grad norm and whether any step was skipped."""
+    Returns the mean loss and kl, the largest grad norm and whether any step was skipped.
+    Under torchrun `turns` are this rank's; the loss is the mean over all ranks' sequences."""
     model = policy.model
+    n_global = distributed.total(len(turns))
     size = math.ceil(len(turns) / cfg.minibatches)
     minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
     chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
@@ -138,8 +141,9 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     for mb, mb_chunks in zip(minibatches, chunks):
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss, mb_global = 0.0, distributed.total(len(mb))
         for chunk in mb_chunks:
+            distributed.sync_gradients(model, chunk is mb_chunks[-1])  # once per step, not per micro-batch
             adv = torch.tensor([advantages[i] for i in chunk], device=model.device)
             inputs, ids, mask = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
             ref_logp = None
@@ -149,10 +153,12 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             logp = selfplay.token_logprobs(model, inputs, ids)
             old_logp = old_logps.get(chunk[0], logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
-            (loss * len(chunk) / len(mb)).backward()
-            step_loss += loss.item() * len(chunk) / len(mb)
+            # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
+            (loss * len(chunk) / mb_global * distributed.world_size()).backward()
+            step_loss += loss.item() * len(chunk) / mb_global
             if ref_logp is not None:
-                total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / len(turns)
+                total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / n_global
+        step_loss = distributed.total(step_loss)  # the same on every rank, so all step or all skip
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -163,9 +169,9 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         else:  # one bad batch must not poison the weights: drop it and say so in the metrics
             skipped = True
         optimizer.zero_grad(set_to_none=True)
-        total_loss += step_loss * len(mb) / len(turns)
+        total_loss += step_loss * mb_global / n_global
     model.eval()
-    return total_loss, total_kl, max_grad_norm if not skipped else float("nan"), skipped
+    return total_loss, distributed.total(total_kl), max_grad_norm if not skipped else float("nan"), skipped
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +194,7 @@ def build_policy(cfg, checkpoint=None):
         model = selfplay.load_model(checkpoint or cfg.model, cfg.device, cfg.dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return selfplay.Policy(model.eval()), processor
+    return selfplay.Policy(distributed.wrap(model, cfg).eval()), processor
 
 
 def reference_policy(policy, cfg):
@@ -197,7 +203,7 @@ def reference_policy(policy, cfg):
     if cfg.lora_rank > 0:
         return selfplay.Policy(policy.model, adapter=False)
     frozen = selfplay.load_model(cfg.model, cfg.device, cfg.dtype).eval().requires_grad_(False)
-    return selfplay.Policy(frozen)
+    return selfplay.Policy(distributed.wrap_reference(frozen, cfg))
 
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
@@ -296,13 +302,17 @@ def progress(out):
 def save_checkpoint(out, policy, processor, optimizer, state):
     """Write ckpt-NNNNNN completely, check that it reads back, point `latest` at it (an atomic
     rename), then drop every other checkpoint folder but the newest good older one: a crash at
-    any moment, or a newest checkpoint damaged later, leaves a whole checkpoint to resume from."""
+    any moment, or a newest checkpoint damaged later, leaves a whole checkpoint to resume from.
+    Every rank calls it (FSDP2 gathers the shards); rank 0 alone writes."""
+    weights, optimizer_state = distributed.full_states(policy.model, optimizer)
+    if not distributed.is_main():
+        return
     name = f"ckpt-{state['iteration']:06d}"
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
-    policy.model.save_pretrained(folder)  # safetensors: the LoRA adapter, or the whole model
+    distributed.save_pretrained(policy.model, folder, weights)  # safetensors: the LoRA adapter, or the whole model
     processor.save_pretrained(folder)
-    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
     write_json_atomic(os.path.join(folder, "state.json"), state)  # last: its presence marks a whole folder
     _, problem = checkpoint_problem(folder)
     if problem:
@@ -321,7 +331,7 @@ def save_checkpoint(out, policy, processor, optimizer, state):
 def fresh_state(cfg):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
-            "baselines": {"spy": 0.0, "civilian": 0.0}}
+            "baselines": {"spy": 0.0, "civilian": 0.0}, "world_size": distributed.world_size()}
 
 
 def trim_log(path, last_iteration):
@@ -422,13 +432,19 @@ def batch_metrics(games, cfg):
 
 def main(stage):
     cfg = parse_args(stage)
+    distributed.init()  # under torchrun; nothing in a plain run
+    distributed.check_split(cfg)
+    cfg.device = distributed.device(cfg.device)
     os.makedirs(os.path.join(cfg.out, "games"), exist_ok=True)
     checkpoint, state, note = resume_point(cfg.out)
-    if note:
+    if note and distributed.is_main():
         print(note)
     state = state or fresh_state(cfg)
+    if checkpoint:
+        distributed.check_resume(state.get("world_size", 1), cfg.out)
     if state["iteration"] >= cfg.iterations:
-        print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
+        if distributed.is_main():
+            print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
         return
     if state["stage"] != stage:
         script = "spo.py" if state["stage"] == "clue" else "rlvr.py"
@@ -438,17 +454,18 @@ def main(stage):
         sys.exit(f"error: no readable training pairs in {cfg.data}; make some with `python make_games.py --out {cfg.data}`")
 
     resolved = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(cfg).items()}
-    print(f"{stage} stage, config: {json.dumps(resolved)}")
-    write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
-    trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
+    if distributed.is_main():
+        print(f"{stage} stage, config: {json.dumps(resolved)}")
+        write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
+        trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
     torch.manual_seed(cfg.seed)  # the LoRA init of a fresh run
     policy, processor = build_policy(cfg, checkpoint)
     reference = reference_policy(policy, cfg) if cfg.kl > 0 else None  # no reference pass when the KL term is off
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        distributed.load_optimizer(policy.model, optimizer, torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
 
-    bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it")
+    bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
         iteration = state["iteration"] + 1
         started = time.time()
@@ -456,12 +473,16 @@ def main(stage):
         if on_cuda:  # the peak of this iteration alone
             torch.cuda.reset_peak_memory_stats()
         rng = random.Random(f"{cfg.seed}-{iteration}")
-        torch.manual_seed(rng.randrange(2**31))  # sampling is a function of (seed, iteration): resumes replay exactly
+        # sampling is a function of (seed, iteration, rank): resumes replay exactly
+        torch.manual_seed(rng.randrange(2**31) + distributed.rank())
         pairs_now = selfplay.decodable_pairs(batch_pairs(pairs, iteration, cfg))
         if not pairs_now:
             sys.exit(f"error: no image of iteration {iteration}'s pairs decodes; check the images in {cfg.data}")
         spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
-        games, gen_tokens = selfplay.play_games(pairs_now, spy_seats, [(policy, policy)] * len(pairs_now), processor, cfg)
+        mine = distributed.my_share(len(pairs_now))  # all of them in one process
+        own_pairs, own_seats = pairs_now[mine], spy_seats[mine]
+        own_games, gen_tokens = selfplay.play_games(own_pairs, own_seats, [(policy, policy)] * len(own_pairs), processor, cfg)
+        games, gen_tokens = distributed.gather_games(own_games), distributed.total(gen_tokens)
         generated = time.time()
 
         # score every game for both stages (for the log); train only the active stage
@@ -471,6 +492,7 @@ def main(stage):
             turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
         else:
             turns, advantages = rlvr.decision_samples(games, cfg)
+        turns, advantages = distributed.own_samples(turns, advantages, own_games)
         lr = learning_rate(iteration, cfg)
         loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
@@ -491,21 +513,24 @@ def main(stage):
         if on_cuda:
             metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         # log first, then checkpoint: a crash in between leaves lines that trim_log drops on resume
-        with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
-            for g, game in enumerate(games):
-                f.write(json.dumps(selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)) + "\n")
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if distributed.is_main():
+            with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
+                for g, game in enumerate(games):
+                    f.write(json.dumps(selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)) + "\n")
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         if following != stage:
             state["stage"], state["dwell"] = following, 0
         finished = following != stage or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             save_checkpoint(cfg.out, policy, processor, optimizer, state)
-        if skipped:
+        if skipped and distributed.is_main():
             tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
         bar.update(1)
         bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
         if finished:
             break
     bar.close()
-    print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")
+    if distributed.is_main():
+        print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")
+    distributed.finish()
