@@ -39,16 +39,11 @@ def main():
     args = p.parse_args()
     if args.games < 2 or args.batch < 1:
         p.error("--games must be at least 2 (one game per side) and --batch at least 1")
-    checkpoint = trainer.latest_checkpoint(args.out)
-    config_path = os.path.join(args.out, "config.json")
-    if checkpoint is None or not os.path.exists(config_path):
+    checkpoint, cfg = trainer.latest_checkpoint(args.out), trainer.load_run_config(args.out)
+    if checkpoint is None or cfg is None:
         sys.exit(f"error: {args.out} holds no trained checkpoint; train first with `bash run.sh`")
-    with open(config_path) as f:
-        cfg = argparse.Namespace(**json.load(f))
-    cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
     cfg.data = args.data or cfg.data
     cfg.max_new_tokens = args.max_new_tokens or cfg.max_new_tokens
-    cfg.gradient_checkpointing = False
     pairs = selfplay.read_pairs(cfg.data, "eval")
     if not pairs:
         sys.exit(f"error: no held-out pairs in {cfg.data} (about 10% of the ids are held out); make more pairs")

@@ -318,7 +318,11 @@ def load_processor(path):
     from transformers.utils import logging
     logging.disable_progress_bar()  # keep the run's own progress bar readable
     if not torchvision_works():
-        register_image_only_processor()
+        image_only = register_image_only_processor()
+        try:
+            return from_pretrained(AutoProcessor, path)
+        except ImportError:  # a real Qwen2.5-VL folder names the stock processor, which needs torchvision
+            return from_pretrained(image_only, path)
     return from_pretrained(AutoProcessor, path)
 
 
