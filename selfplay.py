@@ -361,14 +361,16 @@ def stop_ids(model):
 
 
 def generate(policy, processor, turns, cfg):
-    """Sample one completion per turn in a single batched call; fills completion_ids and text.
-    Returns the number of tokens generated."""
+    """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
+    fills completion_ids and text. Returns the number of tokens generated."""
     model = policy.model
     inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
                        padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    # temperature 0 means greedy decoding (vqa.py's exact answers); games always sample
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature > 0 \
+        else dict(do_sample=False)
     with policy.active(), torch.no_grad():
-        out = model.generate(**inputs, do_sample=True, temperature=cfg.temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+        out = model.generate(**inputs, **sampling, max_new_tokens=cfg.max_new_tokens,
                              suppress_tokens=special_vision_ids(processor),
                              pad_token_id=processor.tokenizer.pad_token_id)
     stops, n_tokens = stop_ids(model), 0
