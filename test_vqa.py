@@ -193,12 +193,17 @@ def test_cli_scores_one_model_and_writes_the_same_questions_twice(data, tiny_mod
 
 
 def test_bad_input_fails_with_one_line(data, pairs_dir, tiny_model, tmp_path):
+    (tmp_path / "empty-data").mkdir()
+    (tmp_path / "empty-data" / "pairs.jsonl").write_text("")
     cases = [
         (["--data", data["cells"], "--out", str(tmp_path / "not-a-run")], "is not a run folder"),
         (["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--model", tiny_model], "does not exist"),
-        (["--data", pairs_dir, "--out", str(tmp_path), "--model", tiny_model], "no questions"),
+        (["--data", str(tmp_path / "empty-data"), "--out", str(tmp_path), "--model", tiny_model], "no questions"),
         (["--data", data["cells"], "--out", str(tmp_path), "--batch", "0"], "must be at least 1"),
     ]
     for args, message in cases:
         result = run(args)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    photos = run(["--data", pairs_dir, "--out", str(tmp_path / "photos"), "--model", tiny_model])
+    assert photos.returncode == 0 and "all photo pairs" in photos.stdout  # run.sh goes on to the report
+    assert not (tmp_path / "photos" / "vqa.json").exists()

@@ -338,6 +338,9 @@ def main():
     if skipped:
         print(f"skipping {skipped} held-out pairs with no generator metadata (photo pairs): nothing to ask about them")
     questions = questions[:args.max_questions]
+    if pairs and skipped == len(pairs):  # a photo folder: not an error, there is just nothing to ask
+        print(f"vqa: nothing to ask about {args.data}: its held-out pairs are all photo pairs; no vqa.json written")
+        return
     if not questions:
         sys.exit(f"error: no questions from the held-out pairs of {args.data}; vqa.py needs clevr, chart or cells "
                  "pairs from make_games.py (about 10% of the ids are held out: make more pairs)")
