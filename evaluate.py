@@ -42,15 +42,11 @@ def main():
     checkpoint, _, note = trainer.resume_point(args.out)
     if note:
         print(note)
-    config_path = os.path.join(args.out, "config.json")
-    if checkpoint is None or not os.path.exists(config_path):
+    cfg = trainer.load_run_config(args.out)
+    if checkpoint is None or cfg is None:
         sys.exit(f"error: {args.out} holds no trained checkpoint; train first with `bash run.sh`")
-    with open(config_path) as f:
-        cfg = argparse.Namespace(**json.load(f))
-    cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
     cfg.data = args.data or cfg.data
     cfg.max_new_tokens = args.max_new_tokens or cfg.max_new_tokens
-    cfg.gradient_checkpointing = False
     # the held-out split is small: decode all of it now rather than drop games from a batch
     pairs = selfplay.decodable_pairs(selfplay.read_pairs(cfg.data, "eval", domain=getattr(cfg, "domain", None)))
     if not pairs:

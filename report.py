@@ -6,9 +6,10 @@ report.py: turn a Vision-Zero run folder into one self-contained HTML page.
 writes runs/demo/report.html and runs/demo/curves.png. The page opens from disk with no server
 and no network: the curves and the image thumbnails are embedded as data URIs, and the little
 script that drives the game browser is written into the page itself. It shows, top to bottom:
-the evaluation (eval.json), the config (config.json), the training curves with the stages shaded
-and the switching thresholds of the schedule drawn in, a browser over the games that were played,
-and a table of every logged metric.
+the evaluation (eval.json), the answers to questions about held-out pictures (vqa.json), the
+config (config.json), the training curves with the stages shaded and the switching thresholds of
+the schedule drawn in, a browser over the games that were played, and a table of every logged
+metric.
 
 Big runs stay quick to open: every metric is embedded, but only the games of --max-iterations
 iterations (evenly spaced, first and last included), --games-per-iteration each, and an image
@@ -286,6 +287,57 @@ def key_value_table(mapping):
     return f'<div class="kv">{items}</div>'
 
 
+def render_vqa(out_dir, thumbnails, examples=6):
+    """The vqa.py section: accuracy per question kind of each model, and a few questions (those the
+    models answer differently first) with the picture and both answers. Every value is escaped."""
+    result, problem = read_json(os.path.join(out_dir, "vqa.json"))
+    if not isinstance(result, dict) or not isinstance(result.get("kinds"), dict):
+        return "<p>no vqa.json yet (python vqa.py --data DATA --out RUN)</p>" if problem == "missing" \
+            else f"<p>vqa.json {esc(problem or 'has no kinds')}</p>"
+    models = list(result.get("models") or {})
+
+    def cell(row, name):
+        score = row.get(name) if isinstance(row, dict) else None
+        return f"{fmt(score.get('accuracy'))} ± {fmt(score.get('se'))}" if isinstance(score, dict) else ""
+
+    rows = []
+    for kind, row in [*result["kinds"].items(), ("overall", result.get("overall", {}))]:
+        row = row if isinstance(row, dict) else {}
+        difference = f"{fmt(row.get('difference'))} ± {fmt(row.get('se_difference'))}" if "difference" in row else ""
+        rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in [
+            kind, row.get("questions"), fmt(row.get("chance")), *[cell(row, m) for m in models], difference]) + "</tr>")
+    header = "".join(f"<th>{esc(h)}</th>" for h in ["kind", "questions", "chance", *models, "difference"])
+    table = f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+    note = (f"<p>{esc(result.get('overall', {}).get('questions'))} questions about held-out pictures of "
+            f"{esc(result.get('data'))}, {esc(result.get('decoding'))} decoding; models: "
+            f"{esc(', '.join(f'{k}: {v}' for k, v in result['models'].items()))}</p>") if models else ""
+
+    def rows_of(path):
+        return read_jsonl(path)[0] if os.path.isfile(path) else []
+
+    def answer_of(row, model):  # {"boxed", "correct", ...} of one model, {} when absent or malformed
+        return row.get(model) if isinstance(row.get(model), dict) else {}
+
+    questions = rows_of(os.path.join(out_dir, "vqa_questions.jsonl"))
+    answers = rows_of(os.path.join(out_dir, "vqa_answers.jsonl"))
+    pictures = {p.get("id"): p for p in rows_of(os.path.join(str(result.get("data")), "pairs.jsonl"))}
+    shown = sorted(range(min(len(questions), len(answers))),
+                   key=lambda i: len({str(answer_of(answers[i], m).get("boxed")) for m in models}) == 1)[:examples]
+    blocks = []
+    for i in shown:
+        q, given, pair = questions[i], answers[i], pictures.get(questions[i].get("pair_id"), {})
+        figures = []
+        for side in (["original", "modified"] if q.get("image") == "pair" else ["original"]):
+            found = thumbnails.get(os.path.join(str(result.get("data")), str(pair.get(side)))) if pair else None
+            figures.append(f'<figure><img src="{esc(thumbnails.uris[found[0]])}" alt="{esc(side)}" width="240">'
+                           f"<figcaption>{esc(side)}</figcaption></figure>" if found else "")
+        said = "".join(f"<div>{esc(m)}: <q>{esc(answer_of(given, m).get('boxed'))}</q> "
+                       f"{'right' if answer_of(given, m).get('correct') else 'wrong'}</div>" for m in models)
+        blocks.append(f'<div class="game"><div class="pair">{"".join(figures)}<div><pre>{esc(q.get("question"))}</pre>'
+                      f"<div>answer: {esc(q.get('answer'))} ({esc(q.get('kind'))})</div>{said}</div></div></div>")
+    return table + note + "".join(blocks)
+
+
 def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
     """The HTML text and the curves PNG of a run folder."""
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -301,11 +353,12 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
     config = config if isinstance(config, dict) else {}
     evaluation, eval_problem = read_json(os.path.join(out_dir, "eval.json"))
     curves = draw_curves(metrics, config)
+    thumbnails = Thumbnails(thumbnail_px)
+    vqa_html = render_vqa(out_dir, thumbnails)
 
     games_dir = os.path.join(out_dir, "games")
     logged = sorted((int(m.group(1)), name) for name in (os.listdir(games_dir) if os.path.isdir(games_dir) else [])
                     if (m := re.fullmatch(r"iter_(\d+)\.jsonl", name)))
-    thumbnails = Thumbnails(thumbnail_px)
     sections, options, sampled_notes = [], [], []
     for iteration, name in sample_evenly(logged, max_iterations):
         played = jsonl.read_jsonl(os.path.join(games_dir, name))
@@ -338,7 +391,7 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
         for row, ok in zip(logged_rows, readable))
     page = PAGE.format(
         title=esc(f"Vision-Zero run {os.path.basename(os.path.abspath(out_dir))}"),
-        path=esc(os.path.abspath(out_dir)), summary=summary, eval_html=eval_html, config_html=config_html,
+        path=esc(os.path.abspath(out_dir)), summary=summary, eval_html=eval_html, vqa_html=vqa_html, config_html=config_html,
         curves=base64.b64encode(curves).decode("ascii"), games_note=esc(games_note), options="".join(options),
         games="\n".join(sections), columns="".join(f"<th>{esc(c)}</th>" for c in columns), metric_rows=metric_rows,
         # JSON inside <script>: only base64 strings, but never let "</" end the element early
@@ -381,6 +434,8 @@ pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; padd
 <p>{summary}</p>
 <h2>evaluation</h2>
 {eval_html}
+<h2>seeing: questions about held-out pictures (vqa.py)</h2>
+{vqa_html}
 <h2>config</h2>
 {config_html}
 <h2>curves</h2>

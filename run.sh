@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Iterative-SPO (Vision-Zero, Algorithm 1): alternate the decision stage (rlvr.py) and the clue
 # stage (spo.py) on one run folder until ITERATIONS are done, then evaluate against the initial
-# model on held-out games and write the HTML report.
+# model on held-out games, ask both models questions about held-out pictures (vqa.py) and write
+# the HTML report.
 #
 #   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR; CPU: tiny demo
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
@@ -31,6 +32,7 @@ if [ "${GPU_SETTINGS:-0}" = 1 ] || python3 -c "import sys, torch; sys.exit(not t
   ITERATIONS=${ITERATIONS:-100}
   GAMES=${GAMES:-16}
   EVAL_GAMES=${EVAL_GAMES:-100}
+  VQA_TOKENS=${VQA_TOKENS:-64}
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}" --dtype bfloat16)
 else
   echo "No CUDA GPU: this is a CPU demo of the mechanics (a tiny random-weight Qwen2.5-VL, short"
@@ -43,6 +45,7 @@ else
   ITERATIONS=${ITERATIONS:-12}
   GAMES=${GAMES:-4}
   EVAL_GAMES=${EVAL_GAMES:-8}
+  VQA_TOKENS=${VQA_TOKENS:-16}
   # short turns and quick switches, so that a few minutes visit both stages
   SETTINGS=(--lora-rank "${LORA_RANK:-0}" --max-new-tokens 24 --samples 4 --k-min 2 --patience 3 --lr 1e-4)
   if [ "$MODEL" = tiny-vlm ] && [ ! -f tiny-vlm/config.json ]; then
@@ -88,5 +91,6 @@ if [ "$EVAL_GAMES" = 0 ]; then
   exit 0
 fi
 python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
+python3 vqa.py --data "$DATA" --out "$OUT" --max-new-tokens "$VQA_TOKENS"
 python3 report.py "$OUT"
-echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."
+echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json, vqa.json and the latest checkpoint (ckpt-*)."

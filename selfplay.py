@@ -385,7 +385,11 @@ def load_processor(path):
     from transformers.utils import logging
     logging.disable_progress_bar()  # keep the run's own progress bar readable
     if not torchvision_works():
-        register_image_only_processor()
+        image_only = register_image_only_processor()
+        try:
+            return from_pretrained(AutoProcessor, path)
+        except ImportError:  # a real Qwen2.5-VL folder names the stock processor, which needs torchvision
+            return from_pretrained(image_only, path)
     return from_pretrained(AutoProcessor, path)
 
 
@@ -424,14 +428,16 @@ def stop_ids(model):
 
 
 def generate(policy, processor, turns, cfg):
-    """Sample one completion per turn in a single batched call; fills completion_ids and text.
-    Returns the number of tokens generated."""
+    """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
+    fills completion_ids and text. Returns the number of tokens generated."""
     model = policy.model
     inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
                        padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    # temperature 0 means greedy decoding (vqa.py's exact answers); games always sample
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature > 0 \
+        else dict(do_sample=False)
     with policy.active(), torch.no_grad():
-        out = model.generate(**inputs, do_sample=True, temperature=cfg.temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+        out = model.generate(**inputs, **sampling, max_new_tokens=cfg.max_new_tokens,
                              suppress_tokens=special_vision_ids(processor),
                              pad_token_id=processor.tokenizer.pad_token_id,
                              synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together

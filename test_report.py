@@ -286,3 +286,30 @@ if __name__ == "__main__":
             open_in_chromium(report_path, screenshot, size=(1280, top + 1250))
             with Image.open(screenshot) as image:
                 image.crop((0, top - 20, 1280, top + 1250)).save(screenshot, optimize=True)
+
+
+def test_vqa_table_and_examples_are_shown_and_escaped(tmp_path):
+    folder = make_synthetic_run(str(tmp_path / "run"), iterations=3, games=2, pairs=3)
+    page, _ = report.build_report(folder, 20, 8, 320)
+    assert "no vqa.json yet" in page
+    hostile = "<script>alert(1)</script>"
+    row = {"questions": 2, "chance": 0.25, "initial": {"accuracy": 0.5, "se": 0.35}, "trained": {"accuracy": 1.0, "se": 0.0},
+           "difference": 0.5, "se_difference": 0.5}
+    with open(os.path.join(folder, "vqa.json"), "w") as f:
+        json.dump({"data": os.path.join(folder, "data"), "decoding": "greedy", "models": {"initial": hostile, "trained": "ckpt"},
+                   "kinds": {"attribute" + hostile: row}, "overall": row}, f)
+    questions = [{"pair_id": "000000", "image": "pair", "kind": "differ", "question": "Which? " + hostile,
+                  "choices": ["x", "y"], "answer": "A", "about": {}},
+                 {"pair_id": "000001", "image": "original", "kind": "count", "question": "How many?",
+                  "choices": None, "answer": "2", "about": {}}]
+    answers = [{"index": 0, "initial": {"boxed": hostile, "correct": False}, "trained": {"boxed": "A", "correct": True}},
+               {"index": 1, "initial": {"boxed": "2", "correct": True}, "trained": "not a dict"}]
+    for name, rows in [("vqa_questions.jsonl", questions), ("vqa_answers.jsonl", answers)]:
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    page, _ = report.build_report(folder, 20, 8, 320)
+    section = page.split("(vqa.py)</h2>")[1].split("<h2>")[0]
+    assert "<script>alert" not in page and section.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 4
+    assert "0.5 ± 0.35" in section and "1 ± 0" in section and "0.5 ± 0.5" in section
+    assert section.count('<img src="data:image/') == 3  # the pair question shows both pictures
+    assert section.index("Which?") < section.index("How many?")  # answers that differ come first

@@ -209,6 +209,25 @@ def reference_policy(policy, cfg):
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
 
 
+def load_run_config(out):
+    """The config.json a training run wrote, as the namespace the scripts use (dtype a torch dtype);
+    None when out is not a run folder."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):  # cut or unreadable: not a config this run can be read from
+        return None
+    if not isinstance(saved, dict) or not {"model", "lora_rank", "dtype"} <= set(saved):  # e.g. a model folder's
+        return None
+    cfg = argparse.Namespace(**saved)
+    cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
+    cfg.gradient_checkpointing = False  # only training needs it
+    return cfg
+
+
 def write_json_atomic(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
