@@ -220,7 +220,7 @@ def load_run_config(out):
             saved = json.load(f)
     except (OSError, ValueError):  # cut or unreadable: not a config this run can be read from
         return None
-    if not isinstance(saved, dict) or not {"model", "lora_rank", "dtype"} <= set(saved):  # e.g. a model folder's
+    if not isinstance(saved, dict) or not {"model", "lora_rank", "dtype"} <= set(saved):  # e.g. a model folder's config.json
         return None
     cfg = argparse.Namespace(**saved)
     cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
