@@ -64,7 +64,7 @@ def export(run, target, dtype):
     cfg = trainer.load_run_config(run)
     if cfg is None:
         sys.exit(f"error: {run} is not a training run (no config.json); give the --out folder of rlvr.py, spo.py or run.sh")
-    checkpoint = trainer.latest_checkpoint(run)
+    checkpoint, _, _ = trainer.resume_point(run)  # the newest checkpoint that reads back whole
     if checkpoint is None or not os.path.isdir(checkpoint):
         sys.exit(f"error: {run} has no checkpoint yet; train it first (`bash run.sh` with OUT={run})")
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):

@@ -313,7 +313,7 @@ def render_vqa(out_dir, thumbnails, examples=6):
             f"{esc(', '.join(f'{k}: {v}' for k, v in result['models'].items()))}</p>") if models else ""
 
     def rows_of(path):
-        return read_jsonl(path)[0] if os.path.isfile(path) else []
+        return jsonl.read_jsonl(path) if os.path.isfile(path) else []
 
     def answer_of(row, model):  # {"boxed", "correct", ...} of one model, {} when absent or malformed
         return row.get(model) if isinstance(row.get(model), dict) else {}

@@ -310,7 +310,7 @@ def models_to_score(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         return {"model": (selfplay.Policy(selfplay.load_model(args.model, device, dtype).eval()), args.model)}, processor
-    cfg, checkpoint = trainer.load_run_config(args.out), trainer.latest_checkpoint(args.out)
+    cfg, checkpoint = trainer.load_run_config(args.out), trainer.resume_point(args.out)[0]
     if cfg is None or checkpoint is None:
         sys.exit(f"error: {args.out} is not a trained run (no config.json or no checkpoint); "
                  "train it first, or give --model to score one model")
