@@ -3,10 +3,13 @@
 # stage (spo.py) on one run folder until ITERATIONS are done, then evaluate against the initial
 # model on held-out games and write the HTML report.
 #
-#   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR; CPU: tiny demo
+#   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR
+#                                                 # CPU: a tiny model learns the blank-spy game (~10 min)
+#   QUICK=1 bash run.sh                           # CPU: a 1-minute demo of the loop, nothing learns
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
 #   MODEL=/path/to/model DATA=games/chart DOMAIN=chart bash run.sh
 #   SCHEDULE=decision OUT=runs/rlvr-only bash run.sh    # ablations: decision | clue | alternate
+#   PYTHON=.venv/bin/python bash run.sh           # a Python other than python3 on PATH
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -15,7 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+PYTHON=${PYTHON:-python3}
+WARM_FROM=""  # a random tiny model to warm-start into MODEL first (CPU default, once)
+
+if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   MODEL=${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}
   DOMAIN=${DOMAIN:-clevr}
   DATA=${DATA:-games/$DOMAIN}
@@ -25,9 +31,9 @@ if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
   GAMES=${GAMES:-16}
   EVAL_GAMES=${EVAL_GAMES:-100}
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}")
-else
-  echo "No CUDA GPU: this is a CPU demo of the mechanics (a tiny random-weight Qwen2.5-VL, short"
-  echo "games). It shows the whole Iterative-SPO loop running, not a model learning."
+elif [ -n "${QUICK:-}" ]; then
+  echo "No CUDA GPU, QUICK=1: a demo of the mechanics (a tiny random-weight Qwen2.5-VL, short games)."
+  echo "It shows the whole Iterative-SPO loop turning, not a model learning: for that, drop QUICK=1."
   MODEL=${MODEL:-tiny-vlm}
   DOMAIN=${DOMAIN:-clevr}
   DATA=${DATA:-games/$DOMAIN-demo}
@@ -36,17 +42,43 @@ else
   ITERATIONS=${ITERATIONS:-12}
   GAMES=${GAMES:-4}
   EVAL_GAMES=${EVAL_GAMES:-8}
-  # short turns and quick switches, so that a few minutes visit both stages
+  # short turns and quick switches, so that a minute visits both stages
   SETTINGS=(--lora-rank "${LORA_RANK:-0}" --max-new-tokens 24 --samples 4 --k-min 2 --patience 3 --lr 1e-4)
   if [ "$MODEL" = tiny-vlm ] && [ ! -f tiny-vlm/config.json ]; then
-    python3 make_tiny_model.py --out tiny-vlm
+    "$PYTHON" make_tiny_model.py --out tiny-vlm
+  fi
+else
+  echo "No CUDA GPU: a tiny Qwen2.5-VL learns to judge the blank-spy game on the CPU (about 10 minutes"
+  echo "on 2 cores; docs/learn_cpu.md). QUICK=1 bash run.sh is a 1-minute demo of the loop instead."
+  # a 2.1M-parameter Qwen2.5-VL, warm-started once (formats only, no spy labels: warm_start.py) and cached
+  MODEL=${MODEL:-runs/cpu-start/warm-start}
+  DOMAIN=${DOMAIN:-cells}
+  DATA=${DATA:-games/cells-300}
+  PAIRS=${PAIRS:-300}
+  OUT=${OUT:-runs/cpu-learn}
+  ITERATIONS=${ITERATIONS:-30}
+  GAMES=${GAMES:-16}
+  EVAL_GAMES=${EVAL_GAMES:-200}
+  # the set-up test_learning.py checks (docs/learn_cpu.md): one clue round of 8-token turns, the
+  # spy sees an empty picture, 8 judge samples, LoRA 16, 8 optimiser steps of 2 games at lr 1e-3,
+  # the paper's KL and K_min; patience 15 so that 30 iterations visit decision, clue, decision
+  SETTINGS=(--lora-rank "${LORA_RANK:-16}" --rounds 1 --max-new-tokens 8 --samples 8 --spy-image blank
+            --lr 1e-3 --minibatches 8 --kl 0.04 --micro-batch 32 --k-min 5 --patience 15)
+  if [ "$MODEL" = runs/cpu-start/warm-start ] && [ ! -f "$MODEL/config.json" ]; then
+    WARM_FROM=runs/cpu-start/tiny-vlm
+    [ -f "$WARM_FROM/config.json" ] || "$PYTHON" make_tiny_model.py --out "$WARM_FROM" --hidden 192 --layers 3 \
+      --heads 4 --vision-hidden 32 --vision-depth 2 --vocab-size 640 --min-pixels 784 --max-pixels 3136
   fi
 fi
 SCHEDULE=${SCHEDULE:-iterative}
 
 if [ ! -f "$DATA/pairs.jsonl" ]; then
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
-  python3 make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
+  "$PYTHON" make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
+fi
+if [ -n "$WARM_FROM" ]; then  # a few minutes, once: the clue and vote formats from the generator's labels
+  "$PYTHON" warm_start.py --model "$WARM_FROM" --data "$DATA" --out "$MODEL" --steps 400 --warmup 30 \
+    --mix 0,0.5,0.5,0 --rounds 1 --spy-image blank --threads "${OMP_NUM_THREADS:-2}"
 fi
 
 ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --games "$GAMES"
@@ -55,7 +87,7 @@ ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --
 ARGS+=(${EXTRA:-})
 
 progress() {  # "iteration stage" of the run's latest checkpoint, or "0 start"
-  python3 -c '
+  "$PYTHON" -c '
 import json, os, sys
 out = sys.argv[1]
 try:
@@ -72,7 +104,7 @@ while true; do
   if [ "$stage" = start ]; then
     stage=$([ "$SCHEDULE" = clue ] && echo clue || echo decision)
   fi
-  if [ "$stage" = decision ]; then python3 rlvr.py "${ARGS[@]}"; else python3 spo.py "${ARGS[@]}"; fi
+  if [ "$stage" = decision ]; then "$PYTHON" rlvr.py "${ARGS[@]}"; else "$PYTHON" spo.py "${ARGS[@]}"; fi
   read -r after _ < <(progress)
   if [ "$after" -le "$done_iterations" ]; then
     echo "run.sh: the $stage stage made no progress in $OUT; see its output above" >&2
@@ -80,6 +112,19 @@ while true; do
   fi
 done
 
-python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"
-python3 report.py "$OUT"
+"$PYTHON" evaluate.py --out "$OUT" --games "$EVAL_GAMES"
+"$PYTHON" report.py "$OUT"
+"$PYTHON" - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+with open(os.path.join(out, "eval.json")) as f:
+    e = json.load(f)
+with open(os.path.join(out, "metrics.jsonl")) as f:
+    acc = [json.loads(line)["acc"] for line in f if line.strip()]
+first, last = acc[:5], acc[-5:]
+print(f"What training changed: in the {e['games'] // 2} held-out games the trained model judged, it found the spy "
+      f"in {e['decision_acc']:.3f} of its votes; the initial model, judging the same games: {e['decision_acc_baseline']:.3f}. "
+      f"In training games: {sum(first) / len(first):.3f} (first 5 iterations) -> {sum(last) / len(last):.3f} (last 5). "
+      f"Win rate against the initial model: {e['win_rate']:.3f} of {e['games']} games.")
+EOF
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json and the latest checkpoint (ckpt-*)."

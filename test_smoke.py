@@ -108,6 +108,32 @@ def test_policy_loss_clips_the_ratio():
     assert policy_loss(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 1), kl=0).item() == pytest.approx(math.e)
 
 
+def test_clipped_tokens_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.7], [1.5, 0.5, 1.1, 0.7]])
+    clipped = trainer.clipped_tokens(ratio, torch.tensor([1.0, -1.0]), clip=0.2)
+    # A > 0: only a ratio above 1.2 is clipped; A < 0: only one below 0.8
+    assert clipped.tolist() == [[True, False, False, False], [False, True, False, True]]
+    assert not trainer.clipped_tokens(ratio, torch.zeros(2)).any()  # no advantage, nothing to clip
+
+
+def test_token_entropy_by_hand_and_in_chunks():
+    uniform = torch.zeros(1, 3, 7)
+    assert selfplay.token_entropy(uniform) == pytest.approx(torch.full((1, 3), math.log(7)))
+    quarter = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 1/4 and 3/4
+    assert selfplay.token_entropy(quarter).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    logits = torch.randn(2, 37, 11, generator=torch.Generator().manual_seed(0)) * 3
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(selfplay.token_entropy(logits, positions_per_chunk=5), expected)
+
+
+def test_reward_spread_of_crafted_decision_groups():
+    def game(rewards):
+        return selfplay.Game(pair={}, spy=0, decisions=[selfplay.Turn(-1, -1, "", None, reward=r) for r in rewards])
+    spread = rlvr.reward_spread([game([-1.0] * 8), game([1.0, -1.0]), game([1.0, 1.0, -0.5, -0.5])])
+    assert spread["frac_reward_zero_std"] == pytest.approx(1 / 3)  # the first game teaches nothing
+    assert spread["reward_std"] == pytest.approx((0.0 + 1.0 + 0.75) / 3)  # population stds, by hand
+
+
 @pytest.mark.parametrize("stage, acc, na, dwell, expected", [
     ("decision", 0.95, 0.05, 4, "decision"),   # K_min not reached
     ("decision", 0.95, 0.05, 5, "clue"),       # Eq. 9
@@ -255,6 +281,34 @@ def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
     assert after > before + 0.3, f"probability of an even token went from {before:.2f} to {after:.2f}"
 
 
+def test_train_step_reports_entropy_and_clipping(tiny_model, pairs_dir):
+    """The diagnostics of a step: the entropy is the mean over completion tokens of the policy's
+    entropy before the step (one optimiser step: the first forward sees the sampling weights);
+    with one step the ratio is 1 and nothing is clipped."""
+    torch.manual_seed(0)
+    cfg = game_cfg(model=tiny_model, max_new_tokens=5, kl=0.0)
+    policy, processor = trainer.build_policy(cfg)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    selfplay.generate(policy, processor, turns, cfg)
+    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    with torch.no_grad():
+        _, entropy = selfplay.token_logprobs(policy.model, batch, ids, with_entropy=True)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    step = trainer.train_step(policy, None, optimizer, processor, turns, [1.0, -1.0, 0.5, -0.5], cfg, lr=1e-3)
+    assert step["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert 0 < step["entropy"] <= math.log(policy.model.get_output_embeddings().weight.shape[0])
+    assert step["clip_ratio/region_mean"] == 0.0 and step["grad_norm"] > 0 and not step["skipped_update"]
+
+
+def test_stage_script_loads_itself_once():
+    """python spo.py runs spo as __main__ only (trainer.py imports neither stage script; rlvr.py
+    is the mirror image)."""
+    result = run([sys.executable, "-X", "importtime", "spo.py", "--help"])
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert result.returncode == 0 and "--data" in result.stdout
+    assert "rlvr" in imported and "trainer" in imported and "spo" not in imported
+
+
 def test_minibatches_step_once_per_share(tiny_model, pairs_dir):
     """--minibatches M: M optimiser steps per batch, each on the mean loss of its own share. With
     plain SGD, a 2-minibatch step whose other half has zero advantages moves the weights exactly
@@ -291,6 +345,10 @@ def test_play_games_records_every_turn(tiny_model, pairs_dir):
         assert [(t.round, t.seat) for t in game.clues] == [(r, s) for r in range(2) for s in range(4)]
         assert len(game.decisions) == 3 and all(t.seat == -1 for t in game.decisions)
         assert all(1 <= len(t.completion_ids) <= cfg.max_new_tokens for t in game.clues + game.decisions)
+    stops = selfplay.stop_ids(policy.model)
+    for turn in (t for game in games for t in game.clues + game.decisions):  # cut at the limit, or stopped
+        assert turn.truncated == (turn.completion_ids[-1] not in stops)
+        assert not turn.truncated or len(turn.completion_ids) == cfg.max_new_tokens
     # the spy (seat 0 of game 0) is shown the modified image, the others the original
     assert games[0].clues[0].image.tobytes() == selfplay.load_image(pairs[0]["modified"]).tobytes()
     assert games[0].clues[1].image.tobytes() == selfplay.load_image(pairs[0]["original"]).tobytes()

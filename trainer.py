@@ -21,7 +21,9 @@ comes next:
            regardless.
 
 When the schedule says to change stage, the checkpoint records the new stage and the script
-exits; run.sh then starts the other script on the same --out folder. Started by hand:
+exits; run.sh then starts the other script on the same --out folder. The stage scripts call
+main() with both stages' modules (their scoring and sample functions), so this file imports
+neither of them. Started by hand:
 
     python rlvr.py --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
     python spo.py  --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
@@ -38,9 +40,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import rlvr
 import selfplay
-import spo
 
 # -----------------------------------------------------------------------------
 # The algorithm: loss and switching rule
@@ -66,6 +66,14 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04):
     if kl > 0:
         per_token = per_token + kl * k3_kl(logp, ref_logp)
     return sequence_mean(per_token, mask).mean()
+
+
+def clipped_tokens(ratio, adv, clip=0.2):
+    """Tokens of Eq. 3 where the clip binds (the min picks the clipped term, so the token gives no
+    gradient): ratio above 1 + eps with A > 0, or below 1 - eps with A < 0. ratio [B, T], adv [B].
+    TRL logs their share as clip_ratio/region_mean."""
+    adv = adv.unsqueeze(1)
+    return ((ratio > 1 + clip) & (adv > 0)) | ((ratio < 1 - clip) & (adv < 0))
 
 
 def next_stage(stage, acc_ema, na_ema, dwell, acc_high=0.9, na_low=0.1, error_high=0.4,
@@ -119,7 +127,8 @@ def learning_rate(iteration, cfg):
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
     accumulated over micro-batches, clipped and skipped if not finite.
-    Returns the mean loss and kl, the largest grad norm and whether any step was skipped."""
+    Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
+    skipped, the share of completion tokens where the clip bound, and their mean entropy."""
     model = policy.model
     size = math.ceil(len(turns) / cfg.minibatches)
     minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
@@ -134,6 +143,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
                 old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
+    tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
     for mb, mb_chunks in zip(minibatches, chunks):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -144,9 +154,13 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
-            logp = selfplay.token_logprobs(model, inputs, ids)
+            logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, with_entropy=True)
             old_logp = old_logps.get(chunk[0], logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            ratio = torch.exp(logp.detach() - old_logp)
+            tokens += mask.sum().item()
+            clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
+            entropy += (token_entropy * mask).sum().item()
             (loss * len(chunk) / len(mb)).backward()
             step_loss += loss.item() * len(chunk) / len(mb)
             if ref_logp is not None:
@@ -163,7 +177,9 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         optimizer.zero_grad(set_to_none=True)
         total_loss += step_loss * len(mb) / len(turns)
     model.eval()
-    return total_loss, total_kl, max_grad_norm if not skipped else float("nan"), skipped
+    return {"loss": total_loss, "kl": total_kl, "grad_norm": max_grad_norm if not skipped else float("nan"),
+            "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
+            "entropy": entropy / max(tokens, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +333,7 @@ def batch_metrics(games, cfg):
     decisions = [t for g in games for t in g.decisions]
     return {
         **selfplay.decision_stats(games),
+        "completions/clipped_ratio": sum(t.truncated for t in clues + decisions) / len(clues + decisions),
         "reward_spy": sum(spy_rewards) / len(spy_rewards),
         "reward_civilian": sum(civilian_rewards) / len(civilian_rewards),
         "reward_decision": sum(t.reward for t in decisions) / len(decisions),
@@ -331,7 +348,10 @@ def batch_metrics(games, cfg):
 # The loop
 
 
-def main(stage):
+def main(stage, clue_stage, decision_stage):
+    """Train `stage` ("clue" or "decision") until the schedule hands over or the budget is spent.
+    clue_stage is spo (score_clues, clue_samples), decision_stage is rlvr (score_decisions,
+    decision_samples): the stage scripts pass themselves and each other."""
     cfg = parse_args(stage)
     os.makedirs(os.path.join(cfg.out, "games"), exist_ok=True)
     checkpoint = latest_checkpoint(cfg.out)
@@ -372,17 +392,17 @@ def main(stage):
         generated = time.time()
 
         # score every game for both stages (for the log); train only the active stage
-        spo.score_clues(games, cfg)
-        rlvr.score_decisions(games, cfg)
+        clue_stage.score_clues(games, cfg)
+        decision_stage.score_decisions(games, cfg)
         if stage == "clue":
-            turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
+            turns, advantages = clue_stage.clue_samples(games, state["baselines"], cfg)
         else:
-            turns, advantages = rlvr.decision_samples(games, cfg)
+            turns, advantages = decision_stage.decision_samples(games, cfg)
         lr = learning_rate(iteration, cfg)
-        loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
+        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
 
-        batch = batch_metrics(games, cfg)
+        batch = {**batch_metrics(games, cfg), **decision_stage.reward_spread(games)}
         update_decision_emas(state, batch["acc"], batch["na"], cfg)
         state["iteration"], state["dwell"] = iteration, state["dwell"] + 1
         following = scheduled_stage(state, cfg)
@@ -390,8 +410,7 @@ def main(stage):
             "iteration": iteration, "stage": stage, **batch,
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
             "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
-            "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
-            "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
+            **step, "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
             "seconds": time.time() - started,
         }
@@ -406,7 +425,7 @@ def main(stage):
         finished = following != stage or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             save_checkpoint(cfg.out, policy, processor, optimizer, state)
-        if skipped:
+        if step["skipped_update"]:
             tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
         bar.update(1)
         bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
