@@ -430,7 +430,7 @@ fillGames();
 // read by the tests through chromium --dump-dom: set only when the script above ran cleanly
 document.body.dataset.report = "ready";
 document.body.dataset.shownImages = document.querySelectorAll("img[src^='data:']").length;
-// where the game browser starts: test_report.py crops the README screenshot there
+// where the game browser starts: test_report.py crops the docs screenshot there
 document.body.dataset.browseTop = document.getElementById("browse").offsetTop;
 </script>
 </body></html>

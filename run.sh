@@ -48,8 +48,8 @@ elif [ -n "${QUICK:-}" ]; then
     "$PYTHON" make_tiny_model.py --out tiny-vlm
   fi
 else
-  echo "No CUDA GPU: a tiny Qwen2.5-VL learns to judge the blank-spy game on the CPU (about 10 minutes"
-  echo "on 2 cores; docs/learn_cpu.md). QUICK=1 bash run.sh is a 1-minute demo of the loop instead."
+  echo "No CUDA GPU: RL on the CPU in the blank-spy game of docs/learn_cpu.md; with the default MODEL a tiny"
+  echo "Qwen2.5-VL learns to judge in about 10 minutes. QUICK=1 bash run.sh is a 1-minute demo of the loop."
   # a 2.1M-parameter Qwen2.5-VL, warm-started once (formats only, no spy labels: warm_start.py) and cached
   MODEL=${MODEL:-runs/cpu-start/warm-start}
   DOMAIN=${DOMAIN:-cells}

@@ -429,7 +429,7 @@ def test_released_dataset_layout_reads_without_pairs_jsonl(pairs_dir, tmp_path):
 
 def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "run"
-    env = {"MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
+    env = {"QUICK": "1", "MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
            "EXTRA": "--max-new-tokens 6 --k-min 1 --patience 2"}
     first = run(["bash", "run.sh"], {**env, "ITERATIONS": "3"})
     assert first.returncode == 0, first.stderr[-2000:]
@@ -438,6 +438,9 @@ def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5]  # resumed after 3, nothing redone
     assert [m["stage"] for m in metrics] == ["decision", "decision", "clue", "decision", "decision"]
+    diagnostics = ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy")
+    assert all(0 <= m[name] for m in metrics for name in diagnostics)
+    assert all(m["frac_reward_zero_std"] == 1.0 for m in metrics)  # a random model's votes never parse
     assert sorted(os.listdir(out / "games")) == [f"iter_{i:06d}.jsonl" for i in range(1, 6)]
     assert open(out / "latest").read() == "ckpt-000005"
     state = json.load(open(out / "ckpt-000005" / "state.json"))
