@@ -226,11 +226,6 @@ def test_synthetic_run_odd_inputs(tmp_path):
     assert done.returncode == 0, done.stderr
     page = read_report(folder)
     assert "no evaluation yet" in page
-    for row in metrics:  # the diagnostics: a random model's votes never parse, so no group can teach
-        assert row["frac_reward_zero_std"] == 1.0 and row["reward_std"] == 0.0
-        assert row["clip_ratio/region_mean"] == 0.0 and 0 <= row["completions/clipped_ratio"] <= 1 and row["entropy"] > 0
-    for name in ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy"):
-        assert report.esc(name) in page
     assert "image not found:<br>/nowhere/lost.png" in page
     assert "blank white picture" in page
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;/pre&gt;" in page
