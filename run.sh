@@ -4,7 +4,7 @@
 # model on held-out games and write the HTML report.
 #
 #   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR
-#                                                 # CPU: a tiny model learns the blank-spy game (~10 min)
+#                                                 # CPU: a warm-started tiny model, blank-spy game (docs/learn_cpu.md)
 #   QUICK=1 bash run.sh                           # CPU: a 1-minute demo of the loop, nothing learns
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
 #   MODEL=/path/to/model DATA=games/chart DOMAIN=chart bash run.sh
@@ -48,8 +48,8 @@ elif [ -n "${QUICK:-}" ]; then
     "$PYTHON" make_tiny_model.py --out tiny-vlm
   fi
 else
-  echo "No CUDA GPU: RL on the CPU in the blank-spy game of docs/learn_cpu.md; with the default MODEL a tiny"
-  echo "Qwen2.5-VL learns to judge in about 10 minutes. QUICK=1 bash run.sh is a 1-minute demo of the loop."
+  echo "No CUDA GPU: Iterative-SPO on the CPU in the blank-spy game (docs/learn_cpu.md), by default a 1.6M-parameter"
+  echo "Qwen2.5-VL warm-started once: about 10 minutes of one core. QUICK=1 bash run.sh is a 1-minute demo of the loop."
   # a 2.1M-parameter Qwen2.5-VL, warm-started once (formats only, no spy labels: warm_start.py) and cached
   MODEL=${MODEL:-runs/cpu-start/warm-start}
   DOMAIN=${DOMAIN:-cells}

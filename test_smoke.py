@@ -252,6 +252,7 @@ def test_kl_to_reference_is_zero_before_the_first_update(tiny_model, pairs_dir, 
     assert (trainer.k3_kl(logp, without_images) * mask).max().item() > 1e-6
 
 
+@pytest.mark.slow
 def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
     """Reward = share of completion tokens with an even id: dense and checkable. Fifty steps of
     rlvr's group advantages + the loss must raise the policy's probability of even tokens
@@ -427,6 +428,7 @@ def test_released_dataset_layout_reads_without_pairs_jsonl(pairs_dir, tmp_path):
     assert all(p["modified"].endswith(p["id"] + "_modified.png") for p in train)
 
 
+@pytest.mark.slow
 def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "run"
     env = {"QUICK": "1", "MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
