@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
 # trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured: yes, in the blank-spy game; Iterative-SPO
-# gained 27-45 points of judge accuracy in each of 3 seeds (README.md).
+# gained 27-45 points of judge accuracy in each of 3 seeds (docs/learn_cpu.md).
 #
 #   bash learn_cpu.sh                                  # everything below, one command
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
@@ -25,6 +25,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
 WARM_STEPS=${WARM_STEPS:-1500}
+PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
 # short turns (a clue is "\boxed{a red square}", a vote "The spy is \boxed{3}"), the blank spy,
@@ -32,24 +33,24 @@ export OMP_NUM_THREADS=$THREADS
 # iterations), 16 games x 8 judge samples in 8 optimiser steps of 2 games per iteration at a
 # peak lr of 1e-3 (4 steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for
 # the same progress), the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3
-# Iterative-SPO runs), K_min and patience (README.md)
-RL_FLAGS="--max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
+# Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
+RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
-  python3 make_tiny_model.py --out "$OUT/tiny-vlm" --hidden 192 --layers 3 --heads 4 --vision-hidden 96 \
+  "$PYTHON" make_tiny_model.py --out "$OUT/tiny-vlm" --hidden 192 --layers 3 --heads 4 --vision-hidden 96 \
     --vision-depth 3 --vocab-size 768 --min-pixels 12544 --max-pixels 12544
 fi
 if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
-  python3 make_games.py --domain cells --n 2000 --out "$DATA"
+  "$PYTHON" make_games.py --domain cells --n 2000 --out "$DATA"
 fi
-python3 warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
+"$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
   --threads "$THREADS" --spy-image blank
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
   MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES=16 \
-    SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 EXTRA="$RL_FLAGS --seed $2" bash run.sh
+    SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 PYTHON="$PYTHON" EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
 
 for schedule in $SCHEDULES; do
@@ -58,7 +59,7 @@ for schedule in $SCHEDULES; do
   done
 done
 
-python3 - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" <<'EOF'
 import glob, json, os, statistics, sys
 import jsonl  # read_jsonl skips a line cut short by a kill
 out = sys.argv[1]

@@ -46,6 +46,9 @@ PANELS = [
     ("generation speed (tokens/s)", ["gen_tokens_per_s"]),
     ("game statistics", ["spy_found_rate", "invalid_vote_rate", "clue_format_rate"]),
     ("seconds per iteration", ["seconds_generate", "seconds_update", "seconds"]),
+    ("learning signal of the decision groups", ["frac_reward_zero_std", "reward_std"]),
+    ("clipped tokens, truncated completions", ["clip_ratio/region_mean", "completions/clipped_ratio"]),
+    ("token entropy of the trained completions (nats)", ["entropy"]),
 ]
 # C0 control characters (tab and newlines kept) that model text may contain
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -99,9 +102,9 @@ def draw_curves(metrics, config):
             spans[-1][2] = it
         else:
             spans.append([row.get("stage"), it, it])
-    # the panel of the switching rule spans the top row, the others share the two rows below
-    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh")], figsize=(16, 10), sharex=True)
-    panel_axes = [axes[name] for name in ["rule", *"abcdefgh"]]
+    # the panel of the switching rule spans the top row, the others share the three rows below
+    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh"), list("ijk.")], figsize=(16, 13), sharex=True)
+    panel_axes = [axes[name] for name in ["rule", *"abcdefghijk"]]
     for ax, (title, keys) in zip(panel_axes, PANELS):
         for stage, first, last in spans:
             ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS.get(stage, "#999999"), alpha=0.12, lw=0)
@@ -494,7 +497,7 @@ fillGames();
 // read by the tests through chromium --dump-dom: set only when the script above ran cleanly
 document.body.dataset.report = "ready";
 document.body.dataset.shownImages = document.querySelectorAll("img[src^='data:']").length;
-// where the game browser starts: test_report.py crops the README screenshot there
+// where the game browser starts: test_report.py crops the docs screenshot there
 document.body.dataset.browseTop = document.getElementById("browse").offsetTop;
 </script>
 </body></html>

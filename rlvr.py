@@ -38,11 +38,26 @@ def shaped_decision_reward(turn, spy):
     return 0.3 * (2 * well_formed - 1) + 1.2 * accuracy + 0.99 * (accuracy > 0)
 
 
+def group_std(rewards):
+    """The population std of one group's rewards (Eq. 5); exactly 0 when they are all equal."""
+    if max(rewards) == min(rewards):
+        return 0.0
+    mean = sum(rewards) / len(rewards)
+    return (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+
+
 def group_advantages(rewards):
     """Eq. 5: rewards standardised within one group."""
-    mean = sum(rewards) / len(rewards)
-    std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+    mean, std = sum(rewards) / len(rewards), group_std(rewards)
     return [(r - mean) / (std + 1e-8) for r in rewards]
+
+
+def reward_spread(games):
+    """How much the decision groups of a batch can teach (TRL's names): frac_reward_zero_std, the
+    share of games whose decision rewards are all equal (all advantages 0: no signal), and
+    reward_std, the mean of the groups' stds."""
+    stds = [group_std([t.reward for t in game.decisions]) for game in games]
+    return {"frac_reward_zero_std": sum(s == 0.0 for s in stds) / len(stds), "reward_std": sum(stds) / len(stds)}
 
 
 def score_decisions(games, cfg):
@@ -66,5 +81,8 @@ def decision_samples(games, cfg):
 
 
 if __name__ == "__main__":
+    import sys
+
+    import spo
     import trainer
-    trainer.main("decision")
+    trainer.main("decision", clue_stage=spo, decision_stage=sys.modules[__name__])

@@ -4,13 +4,16 @@
 # model on held-out games, ask both models questions about held-out pictures (vqa.py) and write
 # the HTML report.
 #
-#   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR; CPU: tiny demo
+#   bash run.sh                                   # GPU: Qwen2.5-VL-7B + LoRA on CLEVR
+#                                                 # CPU: a warm-started tiny model, blank-spy game (docs/learn_cpu.md)
+#   QUICK=1 bash run.sh                           # CPU: a 1-minute demo of the loop, nothing learns
 #   OUT=runs/a ITERATIONS=200 bash run.sh         # continue the same run to 200 iterations
 #   MODEL=/path/to/model DATA=games/chart DOMAIN=chart bash run.sh
 #   SCHEDULE=decision OUT=runs/rlvr-only bash run.sh    # ablations: decision | clue | alternate
 #   GPU_SETTINGS=1 MODEL=vlm-7b-shape bash run.sh  # the GPU settings with no GPU (the CPU check of them)
 #   EVAL_GAMES=0 bash run.sh                      # train only: no evaluation, no report
 #   GPUS=8 bash run.sh                            # one node, 8 processes via torchrun (docs/multi-gpu.md)
+#   PYTHON=.venv/bin/python bash run.sh           # a Python other than python3 on PATH
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -23,7 +26,10 @@ cd "$(dirname "$0")"
 DOMAIN_FLAG=()
 if [ -n "${DOMAIN:-}" ]; then DOMAIN_FLAG=(--domain "$DOMAIN"); fi
 
-if [ "${GPU_SETTINGS:-0}" = 1 ] || python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+PYTHON=${PYTHON:-python3}
+WARM_FROM=""  # a random tiny model to warm-start into MODEL first (CPU default, once)
+
+if [ "${GPU_SETTINGS:-0}" = 1 ] || "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   MODEL=${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}
   DOMAIN=${DOMAIN:-clevr}
   DATA=${DATA:-games/$DOMAIN}
@@ -34,9 +40,9 @@ if [ "${GPU_SETTINGS:-0}" = 1 ] || python3 -c "import sys, torch; sys.exit(not t
   EVAL_GAMES=${EVAL_GAMES:-100}
   VQA_TOKENS=${VQA_TOKENS:-64}
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}" --dtype bfloat16)
-else
-  echo "No CUDA GPU: this is a CPU demo of the mechanics (a tiny random-weight Qwen2.5-VL, short"
-  echo "games). It shows the whole Iterative-SPO loop running, not a model learning."
+elif [ -n "${QUICK:-}" ]; then
+  echo "No CUDA GPU, QUICK=1: a demo of the mechanics (a tiny random-weight Qwen2.5-VL, short games)."
+  echo "It shows the whole Iterative-SPO loop turning, not a model learning: for that, drop QUICK=1."
   MODEL=${MODEL:-tiny-vlm}
   DOMAIN=${DOMAIN:-clevr}
   DATA=${DATA:-games/$DOMAIN-demo}
@@ -46,19 +52,45 @@ else
   GAMES=${GAMES:-4}
   EVAL_GAMES=${EVAL_GAMES:-8}
   VQA_TOKENS=${VQA_TOKENS:-16}
-  # short turns and quick switches, so that a few minutes visit both stages
+  # short turns and quick switches, so that a minute visits both stages
   SETTINGS=(--lora-rank "${LORA_RANK:-0}" --max-new-tokens 24 --samples 4 --k-min 2 --patience 3 --lr 1e-4)
   if [ "$MODEL" = tiny-vlm ] && [ ! -f tiny-vlm/config.json ]; then
-    python3 make_tiny_model.py --out tiny-vlm
+    "$PYTHON" make_tiny_model.py --out tiny-vlm
+  fi
+else
+  echo "No CUDA GPU: Iterative-SPO on the CPU in the blank-spy game (docs/learn_cpu.md), by default a 1.6M-parameter"
+  echo "Qwen2.5-VL warm-started once: about 10 minutes of one core. QUICK=1 bash run.sh is a 1-minute demo of the loop."
+  # a 2.1M-parameter Qwen2.5-VL, warm-started once (formats only, no spy labels: warm_start.py) and cached
+  MODEL=${MODEL:-runs/cpu-start/warm-start}
+  DOMAIN=${DOMAIN:-cells}
+  DATA=${DATA:-games/cells-300}
+  PAIRS=${PAIRS:-300}
+  OUT=${OUT:-runs/cpu-learn}
+  ITERATIONS=${ITERATIONS:-30}
+  GAMES=${GAMES:-16}
+  EVAL_GAMES=${EVAL_GAMES:-200}
+  # the set-up test_learning.py checks (docs/learn_cpu.md): one clue round of 8-token turns, the
+  # spy sees an empty picture, 8 judge samples, LoRA 16, 8 optimiser steps of 2 games at lr 1e-3,
+  # the paper's KL and K_min; patience 15 so that 30 iterations visit decision, clue, decision
+  SETTINGS=(--lora-rank "${LORA_RANK:-16}" --rounds 1 --max-new-tokens 8 --samples 8 --spy-image blank
+            --lr 1e-3 --minibatches 8 --kl 0.04 --micro-batch 32 --k-min 5 --patience 15)
+  if [ "$MODEL" = runs/cpu-start/warm-start ] && [ ! -f "$MODEL/config.json" ]; then
+    WARM_FROM=runs/cpu-start/tiny-vlm
+    [ -f "$WARM_FROM/config.json" ] || "$PYTHON" make_tiny_model.py --out "$WARM_FROM" --hidden 192 --layers 3 \
+      --heads 4 --vision-hidden 32 --vision-depth 2 --vocab-size 640 --min-pixels 784 --max-pixels 3136
   fi
 fi
 SCHEDULE=${SCHEDULE:-iterative}
 GPUS=${GPUS:-1}  # processes on this node: data parallel over torchrun (DDP for LoRA, FSDP2 for --lora-rank 0)
-if [ "$GPUS" -gt 1 ]; then LAUNCH=(torchrun --standalone --nproc_per_node "$GPUS"); else LAUNCH=(python3); fi
+if [ "$GPUS" -gt 1 ]; then LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); else LAUNCH=("$PYTHON"); fi
 
 if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
-  python3 make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
+  "$PYTHON" make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
+fi
+if [ -n "$WARM_FROM" ]; then  # a few minutes, once: the clue and vote formats from the generator's labels
+  "$PYTHON" warm_start.py --model "$WARM_FROM" --data "$DATA" --out "$MODEL" --steps 400 --warmup 30 \
+    --mix 0,0.5,0.5,0 --rounds 1 --spy-image blank --threads "${OMP_NUM_THREADS:-2}"
 fi
 
 ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --games "$GAMES"
@@ -67,7 +99,7 @@ ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --
 ARGS+=(${EXTRA:-})
 
 progress() {  # "iteration stage" of the checkpoint the stage scripts will resume from, or "0 start"
-  python3 -c 'import sys, trainer; print(trainer.progress(sys.argv[1]))' "$OUT"
+  "$PYTHON" -c 'import sys, trainer; print(trainer.progress(sys.argv[1]))' "$OUT"
 }
 
 while true; do
@@ -90,7 +122,20 @@ if [ "$EVAL_GAMES" = 0 ]; then
   echo "Done: trained $OUT (EVAL_GAMES=0: no evaluation, no report); metrics in $OUT/metrics.jsonl."
   exit 0
 fi
-python3 evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
-python3 vqa.py --data "$DATA" --out "$OUT" --max-new-tokens "$VQA_TOKENS"
-python3 report.py "$OUT"
+"$PYTHON" evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
+"$PYTHON" vqa.py --data "$DATA" --out "$OUT" --max-new-tokens "$VQA_TOKENS"
+"$PYTHON" report.py "$OUT"
+"$PYTHON" - "$OUT" <<'EOF'
+import json, os, sys
+import jsonl
+out = sys.argv[1]
+with open(os.path.join(out, "eval.json")) as f:
+    e = json.load(f)
+acc = [row["acc"] for row in jsonl.read_jsonl(os.path.join(out, "metrics.jsonl")) if isinstance(row.get("acc"), (int, float))]
+first, last = acc[:5], acc[-5:]
+print(f"What training changed: in the {e['games'] // 2} held-out games the trained model judged, it found the spy "
+      f"in {e['decision_acc']:.3f} of its votes; the initial model, judging the same games: {e['decision_acc_baseline']:.3f}. "
+      f"In training games: {sum(first) / len(first):.3f} (first 5 iterations) -> {sum(last) / len(last):.3f} (last 5). "
+      f"Win rate against the initial model: {e['win_rate']:.3f} of {e['games']} games.")
+EOF
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json, vqa.json and the latest checkpoint (ckpt-*)."

@@ -212,6 +212,7 @@ class Turn:
     parsed: object = None  # clue text, or vote (0-based seat / "N/A" / None)
     reward: float = None  # decision samples: Eq. 4, set by rlvr.score_decisions
     advantage: float = None  # decision samples: Eq. 5, set when the decision stage trains on it
+    truncated: bool = False  # cut at --max-new-tokens before a stop token
 
     @property
     def reasoning(self):
@@ -445,6 +446,7 @@ def generate(policy, processor, turns, cfg):
     for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
         end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         turn.completion_ids = row[:end]  # the stop token is trained too: it decides the length
+        turn.truncated = row[end - 1] not in stops
         turn.text = processor.tokenizer.decode(turn.completion_ids, skip_special_tokens=True)
         n_tokens += end
     return n_tokens
@@ -468,13 +470,27 @@ def completion_batch(processor, turns, device):
     return inputs.to(device), ids.to(device), mask.to(device)
 
 
-def token_logprobs(model, inputs, completion_ids):
+def token_logprobs(model, inputs, completion_ids, with_entropy=False):
     """log pi(token | prefix) of every completion token, [B, T]; the one log-prob computation
-    used for the policy, the old policy and the reference."""
+    used for the policy, the old policy and the reference. with_entropy=True also returns the
+    entropy of pi at every completion position, [B, T], from the same logits (no gradient)."""
     width = completion_ids.shape[1]
     logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float()
     # gather - logsumexp: the same value as log_softmax without a second [B, T, vocab] tensor
-    return logits.gather(2, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    logp = logits.gather(2, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return (logp, token_entropy(logits)) if with_entropy else logp
+
+
+def token_entropy(logits, positions_per_chunk=16):
+    """Entropy of softmax(logits) at every position, [B, T], as logsumexp(l) - sum(softmax(l) l).
+    A diagnostic, computed without gradient and a few positions at a time, so that it never holds
+    a second [B, T, vocab] tensor beside the logits."""
+    entropies = []
+    with torch.no_grad():
+        for chunk in logits.detach().split(positions_per_chunk, dim=1):
+            log_norm = torch.logsumexp(chunk, -1)
+            entropies.append(log_norm - (torch.softmax(chunk, -1) * chunk).sum(-1))
+    return torch.cat(entropies, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -74,5 +74,8 @@ def clue_samples(games, baselines, cfg):
 
 
 if __name__ == "__main__":
+    import sys
+
+    import rlvr
     import trainer
-    trainer.main("clue")
+    trainer.main("clue", clue_stage=sys.modules[__name__], decision_stage=rlvr)

@@ -126,8 +126,8 @@ def test_one_step_with_forced_advantages_moves_the_adapter_the_right_way(bench):
 
     before = logps()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    loss, kl, grad_norm, skipped = trainer.train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 1e-4)
-    assert not skipped and math.isfinite(loss) and grad_norm > 0 and kl == 0.0
+    step = trainer.train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 1e-4)
+    assert not step["skipped_update"] and math.isfinite(step["loss"]) and step["grad_norm"] > 0 and step["kl"] == 0.0
     params = dict(model.named_parameters())
     assert all(params[n].abs().max() > 0 for n in lora if "lora_B" in n)  # every LoRA B left zero
     assert torch.equal(params[base_name], base)

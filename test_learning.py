@@ -1,9 +1,8 @@
 """The CI-sized learning check: a tiny Qwen2.5-VL becomes a better judge through rlvr.py's own loss.
 
-    python -m pytest -q test_learning.py      # about 10 minutes on one CPU core
+    python -m pytest -q -m slow test_learning.py      # about 10 minutes on one CPU core
 
-The full measurement is `bash learn_cpu.sh` (README.md, "Does a tiny model learn the game on a
-CPU?"). This is its smallest version that still learns: a 2.1M-parameter model, one clue round,
+The full measurement is `bash learn_cpu.sh` (docs/learn_cpu.md). This is its smallest version that still learns: a 1.6M-parameter model, one clue round,
 small pictures, a 400-step warm start with the clue and vote formats only (generator labels, no
 spy labels: warm_start.py), then 25 decision-stage iterations of the unchanged rlvr.py in the
 blank-spy game, then evaluate.py on held-out pairs. Every step goes through the project's scripts
@@ -16,6 +15,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -26,6 +27,7 @@ def run(*args):
     return result
 
 
+@pytest.mark.slow
 def test_the_decision_stage_makes_the_judge_find_the_spy(tmp_path):
     model, games, warm, out = (str(tmp_path / name) for name in ("tiny-vlm", "games", "warm", "run"))
     run("make_tiny_model.py", "--out", model, "--hidden", "192", "--layers", "3", "--heads", "4",

@@ -4,7 +4,7 @@ Tests of report.py, on a real tiny-model run and on synthetic run folders.
     python -m pytest -q test_report.py
 
 Run as a script it builds a synthetic run of 100 iterations x 64 games, times the report and
-opening it in headless Chromium, and refreshes the README images assets/report_screenshot.png
+opening it in headless Chromium, and refreshes the docs images assets/report_screenshot.png
 and assets/curves.png:
 
     python test_report.py
@@ -183,6 +183,11 @@ def test_real_run_report(real_run):
     for row in metrics:
         assert f'<tr data-iteration="{row["iteration"]}">' in page
     assert "no evaluation yet" in page
+    for row in metrics:  # the diagnostics: a random model's votes never parse, so no group can teach
+        assert row["frac_reward_zero_std"] == 1.0 and row["reward_std"] == 0.0
+        assert row["clip_ratio/region_mean"] == 0.0 and 0 <= row["completions/clipped_ratio"] <= 1 and row["entropy"] > 0
+    for name in ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy"):
+        assert report.esc(name) in page
     assert ">max_new_tokens</span> 8<" in page and ">samples</span> 2<" in page
     games = [json.loads(line) for line in open(real_run / "games" / "iter_000002.jsonl")]
     for game in games:

@@ -108,6 +108,32 @@ def test_policy_loss_clips_the_ratio():
     assert policy_loss(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 1), kl=0).item() == pytest.approx(math.e)
 
 
+def test_clipped_tokens_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 1.1, 0.7], [1.5, 0.5, 1.1, 0.7]])
+    clipped = trainer.clipped_tokens(ratio, torch.tensor([1.0, -1.0]), clip=0.2)
+    # A > 0: only a ratio above 1.2 is clipped; A < 0: only one below 0.8
+    assert clipped.tolist() == [[True, False, False, False], [False, True, False, True]]
+    assert not trainer.clipped_tokens(ratio, torch.zeros(2)).any()  # no advantage, nothing to clip
+
+
+def test_token_entropy_by_hand_and_in_chunks():
+    uniform = torch.zeros(1, 3, 7)
+    assert selfplay.token_entropy(uniform) == pytest.approx(torch.full((1, 3), math.log(7)))
+    quarter = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 1/4 and 3/4
+    assert selfplay.token_entropy(quarter).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    logits = torch.randn(2, 37, 11, generator=torch.Generator().manual_seed(0)) * 3
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(selfplay.token_entropy(logits, positions_per_chunk=5), expected)
+
+
+def test_reward_spread_of_crafted_decision_groups():
+    def game(rewards):
+        return selfplay.Game(pair={}, spy=0, decisions=[selfplay.Turn(-1, -1, "", None, reward=r) for r in rewards])
+    spread = rlvr.reward_spread([game([-1.0] * 8), game([1.0, -1.0]), game([1.0, 1.0, -0.5, -0.5])])
+    assert spread["frac_reward_zero_std"] == pytest.approx(1 / 3)  # the first game teaches nothing
+    assert spread["reward_std"] == pytest.approx((0.0 + 1.0 + 0.75) / 3)  # population stds, by hand
+
+
 @pytest.mark.parametrize("stage, acc, na, dwell, expected", [
     ("decision", 0.95, 0.05, 4, "decision"),   # K_min not reached
     ("decision", 0.95, 0.05, 5, "clue"),       # Eq. 9
@@ -226,6 +252,7 @@ def test_kl_to_reference_is_zero_before_the_first_update(tiny_model, pairs_dir, 
     assert (trainer.k3_kl(logp, without_images) * mask).max().item() > 1e-6
 
 
+@pytest.mark.slow
 def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
     """Reward = share of completion tokens with an even id: dense and checkable. Fifty steps of
     rlvr's group advantages + the loss must raise the policy's probability of even tokens
@@ -253,6 +280,34 @@ def test_policy_gradient_raises_a_verifiable_reward(tiny_model, pairs_dir):
         trainer.train_step(policy, None, optimizer, processor, turns, rlvr.group_advantages(rewards), cfg, lr=3e-3)
     after = even_mass()
     assert after > before + 0.3, f"probability of an even token went from {before:.2f} to {after:.2f}"
+
+
+def test_train_step_reports_entropy_and_clipping(tiny_model, pairs_dir):
+    """The diagnostics of a step: the entropy is the mean over completion tokens of the policy's
+    entropy before the step (one optimiser step: the first forward sees the sampling weights);
+    with one step the ratio is 1 and nothing is clipped."""
+    torch.manual_seed(0)
+    cfg = game_cfg(model=tiny_model, max_new_tokens=5, kl=0.0)
+    policy, processor = trainer.build_policy(cfg)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    selfplay.generate(policy, processor, turns, cfg)
+    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    with torch.no_grad():
+        _, entropy = selfplay.token_logprobs(policy.model, batch, ids, with_entropy=True)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    step = trainer.train_step(policy, None, optimizer, processor, turns, [1.0, -1.0, 0.5, -0.5], cfg, lr=1e-3)
+    assert step["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert 0 < step["entropy"] <= math.log(policy.model.get_output_embeddings().weight.shape[0])
+    assert step["clip_ratio/region_mean"] == 0.0 and step["grad_norm"] > 0 and not step["skipped_update"]
+
+
+def test_stage_script_loads_itself_once():
+    """python spo.py runs spo as __main__ only (trainer.py imports neither stage script; rlvr.py
+    is the mirror image)."""
+    result = run([sys.executable, "-X", "importtime", "spo.py", "--help"])
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert result.returncode == 0 and "--data" in result.stdout
+    assert "rlvr" in imported and "trainer" in imported and "spo" not in imported
 
 
 def test_minibatches_step_once_per_share(tiny_model, pairs_dir):
@@ -291,6 +346,10 @@ def test_play_games_records_every_turn(tiny_model, pairs_dir):
         assert [(t.round, t.seat) for t in game.clues] == [(r, s) for r in range(2) for s in range(4)]
         assert len(game.decisions) == 3 and all(t.seat == -1 for t in game.decisions)
         assert all(1 <= len(t.completion_ids) <= cfg.max_new_tokens for t in game.clues + game.decisions)
+    stops = selfplay.stop_ids(policy.model)
+    for turn in (t for game in games for t in game.clues + game.decisions):  # cut at the limit, or stopped
+        assert turn.truncated == (turn.completion_ids[-1] not in stops)
+        assert not turn.truncated or len(turn.completion_ids) == cfg.max_new_tokens
     # the spy (seat 0 of game 0) is shown the modified image, the others the original
     assert games[0].clues[0].image.tobytes() == selfplay.load_image(pairs[0]["modified"]).tobytes()
     assert games[0].clues[1].image.tobytes() == selfplay.load_image(pairs[0]["original"]).tobytes()
@@ -369,9 +428,10 @@ def test_released_dataset_layout_reads_without_pairs_jsonl(pairs_dir, tmp_path):
     assert all(p["modified"].endswith(p["id"] + "_modified.png") for p in train)
 
 
+@pytest.mark.slow
 def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "run"
-    env = {"MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
+    env = {"QUICK": "1", "MODEL": tiny_model, "DATA": pairs_dir, "OUT": str(out), "GAMES": "2", "EVAL_GAMES": "2",
            "EXTRA": "--max-new-tokens 6 --k-min 1 --patience 2"}
     first = run(["bash", "run.sh"], {**env, "ITERATIONS": "3"})
     assert first.returncode == 0, first.stderr[-2000:]
@@ -380,6 +440,9 @@ def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5]  # resumed after 3, nothing redone
     assert [m["stage"] for m in metrics] == ["decision", "decision", "clue", "decision", "decision"]
+    diagnostics = ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy")
+    assert all(0 <= m[name] for m in metrics for name in diagnostics)
+    assert all(m["frac_reward_zero_std"] == 1.0 for m in metrics)  # a random model's votes never parse
     assert sorted(os.listdir(out / "games")) == [f"iter_{i:06d}.jsonl" for i in range(1, 6)]
     assert open(out / "latest").read() == "ckpt-000005"
     state = json.load(open(out / "ckpt-000005" / "state.json"))

@@ -3,8 +3,7 @@
     python -m pytest -q test_warm_start.py
 
 Whether the tiny model then learns the game: test_learning.py (a small run, asserted) and
-`bash learn_cpu.sh` (the full comparison, about an hour; README.md, "Does a tiny model learn the
-game on a CPU?").
+`bash learn_cpu.sh` (the full comparison: docs/learn_cpu.md).
 """
 import json
 import os

@@ -21,7 +21,9 @@ comes next:
            regardless.
 
 When the schedule says to change stage, the checkpoint records the new stage and the script
-exits; run.sh then starts the other script on the same --out folder. Started by hand:
+exits; run.sh then starts the other script on the same --out folder. The stage scripts call
+main() with both stages' modules (their scoring and sample functions), so this file imports
+neither of them. Started by hand:
 
     python rlvr.py --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
     python spo.py  --model tiny-vlm --data games/clevr --out runs/demo --iterations 10
@@ -39,11 +41,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import jsonl
 import distributed
-import rlvr
+import jsonl
 import selfplay
-import spo
 
 # -----------------------------------------------------------------------------
 # The algorithm: loss and switching rule
@@ -69,6 +69,14 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04):
     if kl > 0:
         per_token = per_token + kl * k3_kl(logp, ref_logp)
     return sequence_mean(per_token, mask).mean()
+
+
+def clipped_tokens(ratio, adv, clip=0.2):
+    """Tokens of Eq. 3 where the clip binds (the min picks the clipped term, so the token gives no
+    gradient): ratio above 1 + eps with A > 0, or below 1 - eps with A < 0. ratio [B, T], adv [B].
+    TRL logs their share as clip_ratio/region_mean."""
+    adv = adv.unsqueeze(1)
+    return ((ratio > 1 + clip) & (adv > 0)) | ((ratio < 1 - clip) & (adv < 0))
 
 
 def next_stage(stage, acc_ema, na_ema, dwell, acc_high=0.9, na_low=0.1, error_high=0.4,
@@ -122,8 +130,9 @@ def learning_rate(iteration, cfg):
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
     accumulated over micro-batches, clipped and skipped if not finite.
-    Returns the mean loss and kl, the largest grad norm and whether any step was skipped.
-    Under torchrun `turns` are this rank's; the loss is the mean over all ranks' sequences."""
+    Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
+    skipped, the share of completion tokens where the clip bound, and their mean entropy.
+    Under torchrun `turns` are this rank's; the loss and every metric are over all ranks' sequences."""
     model = policy.model
     n_global = distributed.total(len(turns))
     size = math.ceil(len(turns) / cfg.minibatches)
@@ -139,6 +148,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
                 old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
+    tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
     for mb, mb_chunks in zip(minibatches, chunks):
         optimizer.zero_grad(set_to_none=True)
         step_loss, mb_global = 0.0, distributed.total(len(mb))
@@ -150,9 +160,13 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
-            logp = selfplay.token_logprobs(model, inputs, ids)
+            logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, with_entropy=True)
             old_logp = old_logps.get(chunk[0], logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            ratio = torch.exp(logp.detach() - old_logp)
+            tokens += mask.sum().item()
+            clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
+            entropy += (token_entropy * mask).sum().item()
             # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
             (loss * len(chunk) / mb_global * distributed.world_size()).backward()
             step_loss += loss.item() * len(chunk) / mb_global
@@ -171,7 +185,10 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         optimizer.zero_grad(set_to_none=True)
         total_loss += step_loss * mb_global / n_global
     model.eval()
-    return total_loss, distributed.total(total_kl), max_grad_norm if not skipped else float("nan"), skipped
+    tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
+    return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
+            "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
+            "entropy": entropy / max(tokens, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -435,6 +452,7 @@ def batch_metrics(games, cfg):
     decisions = [t for g in games for t in g.decisions]
     return {
         **selfplay.decision_stats(games),
+        "completions/clipped_ratio": sum(t.truncated for t in clues + decisions) / len(clues + decisions),
         "reward_spy": sum(spy_rewards) / len(spy_rewards),
         "reward_civilian": sum(civilian_rewards) / len(civilian_rewards),
         "reward_decision": sum(t.reward for t in decisions) / len(decisions),
@@ -449,7 +467,10 @@ def batch_metrics(games, cfg):
 # The loop
 
 
-def main(stage):
+def main(stage, clue_stage, decision_stage):
+    """Train `stage` ("clue" or "decision") until the schedule hands over or the budget is spent.
+    clue_stage is spo (score_clues, clue_samples), decision_stage is rlvr (score_decisions,
+    decision_samples): the stage scripts pass themselves and each other."""
     cfg = parse_args(stage)
     distributed.init()  # under torchrun; nothing in a plain run
     distributed.check_split(cfg)
@@ -505,18 +526,18 @@ def main(stage):
         generated = time.time()
 
         # score every game for both stages (for the log); train only the active stage
-        spo.score_clues(games, cfg)
-        rlvr.score_decisions(games, cfg)
+        clue_stage.score_clues(games, cfg)
+        decision_stage.score_decisions(games, cfg)
         if stage == "clue":
-            turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
+            turns, advantages = clue_stage.clue_samples(games, state["baselines"], cfg)
         else:
-            turns, advantages = rlvr.decision_samples(games, cfg)
+            turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
         lr = learning_rate(iteration, cfg)
-        loss, kl, grad_norm, skipped = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
+        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
 
-        batch = batch_metrics(games, cfg)
+        batch = {**batch_metrics(games, cfg), **decision_stage.reward_spread(games)}
         update_decision_emas(state, batch["acc"], batch["na"], cfg)
         state["iteration"], state["dwell"] = iteration, state["dwell"] + 1
         following = scheduled_stage(state, cfg)
@@ -524,8 +545,7 @@ def main(stage):
             "iteration": iteration, "stage": stage, **batch,
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
             "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
-            "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
-            "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
+            **step, "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
             "seconds": time.time() - started,
         }
@@ -543,7 +563,7 @@ def main(stage):
         finished = following != stage or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             save_checkpoint(cfg.out, policy, processor, optimizer, state)
-        if skipped and distributed.is_main():
+        if step["skipped_update"] and distributed.is_main():
             tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
         bar.update(1)
         bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
