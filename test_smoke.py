@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
                temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
-               rae_alpha=0.95, rae_update_first=False, decision_reward="paper", lora_rank=0,
+               rae_alpha=0.95, rae_update_first=False, logprob_temperature=1.0, decision_reward="paper", lora_rank=0,
                device="cpu", dtype=torch.float32, gradient_checkpointing=False)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -181,30 +181,6 @@ def sample_turns(processor, pairs, n):
                           selfplay.load_image(pairs[i % len(pairs)]["original"])) for i in range(n)]
 
 
-def test_logprobs_match_generate(tiny_model, pairs_dir):
-    processor = selfplay.load_processor(tiny_model)
-    model = selfplay.load_model(tiny_model, "cpu", torch.float32).eval()
-    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)  # mixed image sizes and prompt lengths
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt")
-    torch.manual_seed(0)
-    out = model.generate(**inputs, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=12,
-                         suppress_tokens=selfplay.special_vision_ids(processor), output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
-    sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
-    generate_logp = torch.stack([F.log_softmax(step.float(), -1) for step in out.logits], 1)
-    generate_logp = generate_logp.gather(2, sampled.unsqueeze(-1)).squeeze(-1)
-    stops = selfplay.stop_ids(model)
-    for turn, row in zip(turns, sampled.tolist()):
-        turn.completion_ids = row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
-    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
-    with torch.no_grad():
-        recomputed = selfplay.token_logprobs(model, batch, ids)
-    width = ids.shape[1]
-    assert mask.sum() > len(turns)
-    assert torch.allclose(recomputed * mask, generate_logp[:, :width] * mask, atol=1e-4)
-
-
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_kl_to_reference_is_zero_before_the_first_update(tiny_model, pairs_dir, lora_rank):
     cfg = game_cfg(model=tiny_model, lora_rank=lora_rank)
@@ -313,6 +289,24 @@ def test_prompts_follow_the_game(tiny_model, pairs_dir):
     assert "Hmm, red" not in judge and "Secret plan" not in judge and "Some objects." in judge
     assert "\\boxed{2}" in judge and "{{" not in judge + spy_prompt
     assert selfplay.BLANK_RULE in selfplay.game_rules(4, "chart", "blank")
+
+
+def test_blank_spy_prompts_describe_the_blank_game_only():
+    """--spy-image blank: no text a player or the judge reads speaks of an edited picture."""
+    edit_words = ("slightly different", "replaced", "differ", "swapped", "another colour", "except")
+    for domain in selfplay.DOMAIN_RULES:
+        game = selfplay.Game(pair={"domain": domain}, spy=2)
+        game.clues = [selfplay.Turn(0, 0, "", None, text="\\boxed{A red square.}", parsed="A red square.")]
+        for decision in ("judge", "civilians"):
+            cfg = game_cfg(rounds=2, spy_image="blank", decision=decision)
+            texts = [selfplay.clue_prompt(game, seat, 1, cfg) for seat in range(4)]
+            texts += [selfplay.decision_prompt(game, voter, cfg) for voter in (None, 0, 1, 3)]
+            for text in texts:
+                assert selfplay.BLANK_RULE in text
+                assert not [w for w in edit_words if w in text.lower()], text
+            assert "empty" in texts[2] and "You are the spy" in texts[2]
+        modified = selfplay.clue_prompt(game, 2, 1, game_cfg(rounds=2))
+        assert selfplay.DOMAIN_RULES[domain] in modified and "slightly different" in modified
 
 
 # -----------------------------------------------------------------------------

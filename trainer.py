@@ -13,6 +13,9 @@ comes next:
            mean over a sequence's completion tokens, then over sequences. With one optimiser step
            per batch the ratio is 1 (REINFORCE + KL), so logp_old is the detached logp; with
            --minibatches M > 1, logp_old is the sampling policy's, computed before the first step.
+           logp, logp_old and ref are all log-probs of softmax(logits / T) at the sampling
+           temperature T, so that the gradient is that of the policy that sampled the tokens
+           (--logprob-temperature 1 reproduces the released code, which sampled at 0.8).
   Eq. 7-8  acc_ema <- rho acc_ema + (1 - rho) acc_t, na_ema likewise, rho = 0.95, both from 0;
            acc_t = fraction of decision samples naming the spy, na_t = fraction of N/A.
   Eq. 9    decision -> clue when acc_ema >= 0.9 and na_ema <= 0.1 (the spy is too easy to find).
@@ -131,7 +134,8 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         with torch.no_grad():
             for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
                 inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
-                old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids)
+                with policy.active():
+                    old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     for mb, mb_chunks in zip(minibatches, chunks):
@@ -143,8 +147,9 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
-                    ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
-            logp = selfplay.token_logprobs(model, inputs, ids)
+                    ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
+            with policy.active():
+                logp = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
             old_logp = old_logps.get(chunk[0], logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
             (loss * len(chunk) / len(mb)).backward()
@@ -170,32 +175,43 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
 # Plumbing: models, checkpoints, config
 
 
+def master_dtype(cfg):
+    """(weights dtype, autocast dtype) of the trainable model. LoRA trains fp32 adapters on
+    frozen --dtype weights; full fine-tuning keeps fp32 master weights (and checkpoints) and
+    computes in --dtype under autocast."""
+    if cfg.lora_rank > 0 or cfg.dtype == torch.float32:
+        return cfg.dtype, None
+    return torch.float32, cfg.dtype
+
+
 def build_policy(cfg, checkpoint=None):
     """The trainable model (from the checkpoint when resuming) and its processor."""
     from peft import LoraConfig, PeftModel, get_peft_model
     processor = selfplay.load_processor(cfg.model)
+    weights, autocast = master_dtype(cfg)
     if cfg.lora_rank > 0:
-        model = selfplay.load_model(cfg.model, cfg.device, cfg.dtype)
+        model = selfplay.load_model(cfg.model, cfg.device, weights)
         if checkpoint:
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:  # the text model's projections only; the vision tower stays as it is
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
                               target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj")
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora)  # adapters in fp32 whatever the base dtype (peft's default)
     else:
-        model = selfplay.load_model(checkpoint or cfg.model, cfg.device, cfg.dtype)
+        model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return selfplay.Policy(model.eval()), processor
+    return selfplay.Policy(model.eval(), autocast=autocast), processor
 
 
 def reference_policy(policy, cfg):
     """The frozen initial policy: the same model with its LoRA adapter off (no second copy in
-    memory), or, for full fine-tuning, a frozen copy of --model."""
+    memory), or, for full fine-tuning, a frozen copy of --model computed exactly as the policy
+    is (same weights dtype and autocast), so that the KL is 0 before the first update."""
     if cfg.lora_rank > 0:
         return selfplay.Policy(policy.model, adapter=False)
-    frozen = selfplay.load_model(cfg.model, cfg.device, cfg.dtype).eval().requires_grad_(False)
-    return selfplay.Policy(frozen)
+    frozen = selfplay.load_model(cfg.model, cfg.device, master_dtype(cfg)[0]).eval().requires_grad_(False)
+    return selfplay.Policy(frozen, autocast=policy.autocast)
 
 
 def latest_checkpoint(out):
@@ -269,6 +285,9 @@ def parse_args(stage):
     p.add_argument("--schedule", choices=["iterative", "alternate", "clue", "decision"], default="iterative",
                    help="iterative: Algorithm 1; alternate: switch every iteration (released code); clue/decision: one stage only (ablations)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine, 10%% warm-up)")
+    p.add_argument("--logprob-temperature", type=float,
+                   help="temperature of the policy, old-policy and reference log-probs in the loss; default: "
+                   "--temperature, the policy that sampled (TRL, verl, NeMo-RL); 1 reproduces the released code")
     p.add_argument("--kl", type=float, default=0.04, help="beta_KL, weight of the k3 KL to the initial policy; 0 skips the reference pass")
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
@@ -294,13 +313,17 @@ def parse_args(stage):
     p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
+    if cfg.logprob_temperature is None:
+        cfg.logprob_temperature = cfg.temperature
+    if cfg.logprob_temperature <= 0:
+        p.error("--logprob-temperature must be positive")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.dtype == "auto":
