@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
                temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
-               rae_alpha=0.95, rae_update_first=False, logprob_temperature=1.0, decision_reward="paper", lora_rank=0,
+               rae_alpha=0.95, rae_update_first=False, rae_bias_correction=True, logprob_temperature=1.0, decision_reward="paper", lora_rank=0,
                device="cpu", dtype=torch.float32, gradient_checkpointing=False)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -46,20 +46,52 @@ def test_clue_rewards_by_hand_and_zero_sum():
         assert sum(spo.clue_rewards(votes, spy)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_role_advantages_subtract_then_update():
-    baselines = {"spy": 0.0, "civilian": 0.0}
-    first = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+def test_role_advantages_literal_ema_subtract_then_update():
+    baselines = spo.initial_baselines()
+    first = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5, bias_correction=False)
     assert first == pytest.approx([1.0, -1.0, -3.0])  # the baselines as they were: 0
-    assert baselines == pytest.approx({"spy": 0.5, "civilian": -1.0})  # 0.5 * 0 + 0.5 * mean(-1, -3)
-    second = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+    assert baselines == pytest.approx({"spy": 0.5, "civilian": -1.0, "updates": 1})  # 0.5 * 0 + 0.5 * mean(-1, -3)
+    second = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5, bias_correction=False)
     assert second == pytest.approx([0.5, 0.0, -2.0])
-    assert baselines == pytest.approx({"spy": 0.75, "civilian": -1.5})
+    assert baselines == pytest.approx({"spy": 0.75, "civilian": -1.5, "updates": 2})
 
 
 def test_role_advantages_update_first_like_released_code():
-    baselines = {"spy": 0.0, "civilian": 0.0}
-    adv = spo.role_advantages([1.0, -1.0], [True, False], baselines, alpha=0.9, update_first=True)
+    baselines = spo.initial_baselines()
+    adv = spo.role_advantages([1.0, -1.0], [True, False], baselines, alpha=0.9, update_first=True, bias_correction=False)
     assert adv == pytest.approx([1.0 - 0.1, -1.0 + 0.1])
+    # bias-corrected, the first update makes the baselines the batch's role means
+    adv = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], spo.initial_baselines(), alpha=0.9, update_first=True)
+    assert adv == pytest.approx([0.0, 1.0, -1.0])
+
+
+def test_bias_corrected_role_baselines_read_the_recent_mean_at_once():
+    """Constant role rewards (spy -0.3, civilians 0.1): bias-corrected, every advantage is 0 from
+    the second clue iteration on; the literal EMA still gives the spy -0.244 in the 5th
+    iteration and -0.113 in the 20th (-0.3 * 0.95^4, -0.3 * 0.95^19)."""
+    rewards, is_spy = [-0.3, 0.1, 0.1, 0.1], [True, False, False, False]
+    corrected, literal = spo.initial_baselines(), spo.initial_baselines()
+    spy_literal = []
+    for iteration in range(1, 21):
+        adv = spo.role_advantages(rewards, is_spy, corrected)
+        assert adv == pytest.approx(rewards if iteration == 1 else [0.0] * 4, abs=1e-12)
+        spy_literal.append(spo.role_advantages(rewards, is_spy, literal, bias_correction=False)[0])
+        assert spo.baseline_values(corrected) == pytest.approx({"spy": -0.3, "civilian": 0.1})
+    assert (spy_literal[4], spy_literal[19]) == pytest.approx((-0.3 * 0.95 ** 4, -0.3 * 0.95 ** 19))
+    assert (round(spy_literal[4], 3), round(spy_literal[19], 3)) == (-0.244, -0.113)
+    assert corrected["updates"] == literal["updates"] == 20 and corrected["spy"] == literal["spy"]
+
+
+def test_checkpoint_without_baseline_count_counts_its_clue_iterations(tmp_path):
+    """A run saved before the count was kept: its role baselines were updated once per clue
+    iteration, which metrics.jsonl records (lines after the checkpoint do not count)."""
+    path = str(tmp_path / "metrics.jsonl")
+    stages = ["decision"] * 5 + ["clue"] * 6 + ["decision"] * 2 + ["clue"] * 3
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"iteration": i + 1, "stage": s}) + "\n" for i, s in enumerate(stages))
+    assert trainer.clue_iterations_logged(path, 14) == 7
+    assert trainer.clue_iterations_logged(str(tmp_path / "none.jsonl"), 14) == 0
+    assert trainer.fresh_state(SimpleNamespace(schedule="iterative"))["baselines"] == spo.initial_baselines()
 
 
 def test_decision_reward_and_group_advantages():
@@ -71,12 +103,21 @@ def test_decision_reward_and_group_advantages():
     assert rlvr.group_advantages([-1.0] * 8) == [0.0] * 8
 
 
-def test_shaped_reward_matches_released_formula():
-    right = selfplay.Turn(-1, -1, "", None, text="The third player named a sphere. \\boxed{3}", parsed=2)
-    bare = selfplay.Turn(-1, -1, "", None, text="\\boxed{3}", parsed=2)
-    assert rlvr.shaped_decision_reward(right, spy=2) == pytest.approx(0.3 + 1.2 + 0.99)
-    assert rlvr.shaped_decision_reward(bare, spy=2) == pytest.approx(-0.3 + 1.2 + 0.99)
-    assert rlvr.shaped_decision_reward(right, spy=0) == pytest.approx(0.3)
+@pytest.mark.parametrize("text, parsed, reward", [
+    ("The third player named a sphere. \\boxed{3}", 2, 2.49),   # right, format ok
+    ("It is P 3. \\boxed{3}", 2, 1.89),                          # right, reasoning of exactly 10 characters
+    ("\\boxed{3}", 2, 1.89),                                      # right, no reasoning
+    ("Nobody's clue stands out. \\boxed{N/A}", "N/A", -0.30),   # N/A, format ok
+    ("\\boxed{N/A}", "N/A", -0.90),
+    ("The first player named a sphere. \\boxed{1}", 0, -0.90),   # wrong seat, format ok
+    ("\\boxed{1}", 0, -1.50),
+    ("I think it is player number three.", None, -1.50),          # no box: invalid, no answer
+    ("I think it is someone, really. \\boxed{ }", None, -1.50),  # an empty answer is bad format
+    ("I think it is someone, really. \\boxed{9}", None, -0.90),  # invalid seat, format ok
+])
+def test_shaped_reward_table_of_the_released_code(text, parsed, reward):
+    turn = selfplay.Turn(-1, -1, "", None, text=text, parsed=parsed)
+    assert rlvr.shaped_decision_reward(turn, spy=2) == pytest.approx(reward, abs=1e-12)
 
 
 # -----------------------------------------------------------------------------

@@ -249,7 +249,17 @@ def save_checkpoint(out, policy, processor, optimizer, state):
 def fresh_state(cfg):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
-            "baselines": {"spy": 0.0, "civilian": 0.0}}
+            "baselines": spo.initial_baselines()}
+
+
+def clue_iterations_logged(path, last_iteration):
+    """How many clue iterations metrics.jsonl records up to last_iteration: the role baselines'
+    update count of a checkpoint written before the count was kept (one update per clue iteration)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip() and (m := json.loads(line))["iteration"] <= last_iteration
+                   and m["stage"] == "clue")
 
 
 def trim_log(path, last_iteration):
@@ -298,6 +308,9 @@ def parse_args(stage):
     p.add_argument("--lam", type=float, default=0.1, help="Eq. 1: lambda, penalty for a civilian drawing votes")
     p.add_argument("--rae-alpha", type=float, default=0.95, help="Eq. 2: EMA factor of the role baselines (released code: 0.9)")
     p.add_argument("--rae-update-first", action="store_true", help="update the role baselines before subtracting them (released code)")
+    p.add_argument("--rae-bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide the role baselines by 1 - alpha^t like Eqs. 7-8, so the first clue iteration already "
+                   "subtracts the batch's role mean; --no-rae-bias-correction: the literal EMA from 0 (paper, released code)")
     p.add_argument("--decision-reward", choices=["paper", "shaped"], default="paper", help="Eq. 4 (paper) or the released code's shaped reward")
     p.add_argument("--rho", type=float, default=0.95, help="Eqs. 7-8: EMA factor of decision accuracy and N/A rate")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -362,6 +375,9 @@ def main(stage):
     if checkpoint:
         with open(os.path.join(checkpoint, "state.json")) as f:
             state = json.load(f)
+        if "updates" not in state["baselines"]:  # a checkpoint from before the RAE bias correction
+            state["baselines"]["updates"] = clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
+                                                                   state["iteration"])
     if state["iteration"] >= cfg.iterations:
         print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
         return
@@ -397,8 +413,12 @@ def main(stage):
         # score every game for both stages (for the log); train only the active stage
         spo.score_clues(games, cfg)
         rlvr.score_decisions(games, cfg)
+        # the role baselines as the clue advantages subtract them (bias-corrected unless told not to)
+        baselines = spo.baseline_values(state["baselines"], cfg.rae_alpha, cfg.rae_bias_correction)
         if stage == "clue":
             turns, advantages = spo.clue_samples(games, state["baselines"], cfg)
+            if cfg.rae_update_first:
+                baselines = spo.baseline_values(state["baselines"], cfg.rae_alpha, cfg.rae_bias_correction)
         else:
             turns, advantages = rlvr.decision_samples(games, cfg)
         lr = learning_rate(iteration, cfg)
@@ -412,7 +432,7 @@ def main(stage):
         metrics = {
             "iteration": iteration, "stage": stage, **batch,
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
-            "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
+            "baseline_spy": baselines["spy"], "baseline_civilian": baselines["civilian"],
             "loss": loss, "kl": kl, "grad_norm": grad_norm, "skipped_update": skipped,
             "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
