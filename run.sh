@@ -24,6 +24,8 @@ if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
   ITERATIONS=${ITERATIONS:-100}
   GAMES=${GAMES:-16}
   EVAL_GAMES=${EVAL_GAMES:-100}
+  # no --lr: trainer.py's default, 1e-4 for LoRA (about 10x the full fine-tuning rate, as LoRA
+  # studies find) and the paper's 1e-5 with LORA_RANK=0 (full fine-tuning); EXTRA="--lr X" overrides
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}")
 else
   echo "No CUDA GPU: this is a CPU demo of the mechanics (a tiny random-weight Qwen2.5-VL, short"

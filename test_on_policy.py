@@ -151,3 +151,39 @@ def test_the_loss_scores_every_pass_at_the_logprob_temperature(tiny_model, pairs
 
     assert parsed("--temperature", "0.7").logprob_temperature == 0.7
     assert parsed("--logprob-temperature", "1").logprob_temperature == 1.0
+
+
+def test_bf16_full_fine_tuning_keeps_its_updates(tiny_model, pairs_dir, tmp_path):
+    """--lora-rank 0 --dtype bfloat16: one AdamW step at lr 1e-5 (forced advantages) moves more than
+    90% of a trained matrix's entries, because the weights stay fp32 (bf16 compute under autocast);
+    in bf16 weights a step of 1e-5 rounds away on most entries. The checkpoint is fp32 too."""
+    cfg = game_cfg(model=tiny_model, dtype=torch.bfloat16, kl=0.04, max_new_tokens=6)
+    policy, processor = trainer.build_policy(cfg)
+    reference = trainer.reference_policy(policy, cfg)
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    matrix = dict(policy.model.named_parameters())[name]
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    torch.manual_seed(0)
+    selfplay.generate(policy, processor, turns, cfg)
+    before = matrix.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    loss, kl, grad_norm, skipped = trainer.train_step(policy, reference, optimizer, processor, turns,
+                                                      [1.0, -1.0, 0.5, -0.5], cfg, lr=1e-5)
+    assert not skipped and kl == pytest.approx(0.0, abs=1e-6)  # the reference is computed as the policy is
+    changed = (matrix.detach() != before).float().mean().item()
+    assert changed > 0.9, f"only {changed:.1%} of {name} changed"
+    assert matrix.dtype == torch.float32 and policy.autocast == torch.bfloat16
+    folder = str(tmp_path / "ckpt")
+    policy.model.save_pretrained(folder)
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_default_learning_rate_is_lora_s_or_full_fine_tuning_s(monkeypatch):
+    def lr(*flags):
+        monkeypatch.setattr(sys, "argv", ["rlvr.py", "--data", "d", "--out", "o", *flags])
+        return trainer.parse_args("decision").lr
+
+    assert lr() == 1e-4 and lr("--lora-rank", "64") == 1e-4  # LoRA: ~10x the full fine-tuning rate
+    assert lr("--lora-rank", "0") == 1e-5  # the paper's full fine-tuning rate
+    assert lr("--lora-rank", "0", "--lr", "3e-6") == 3e-6

@@ -294,7 +294,10 @@ def parse_args(stage):
     selfplay.add_game_args(p)
     p.add_argument("--schedule", choices=["iterative", "alternate", "clue", "decision"], default="iterative",
                    help="iterative: Algorithm 1; alternate: switch every iteration (released code); clue/decision: one stage only (ablations)")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine, 10%% warm-up)")
+    p.add_argument("--lr", type=float,
+                   help="peak AdamW learning rate (cosine, 10%% warm-up); default 1e-4 with LoRA, 1e-5 (the paper's) for "
+                   "full fine-tuning: the best LoRA rate is about 10x the full fine-tuning one (Thinking Machines 2025, "
+                   "LoRA Without Regret; Biderman et al. 2024, LoRA Learns Less and Forgets Less)")
     p.add_argument("--logprob-temperature", type=float,
                    help="temperature of the policy, old-policy and reference log-probs in the loss; default: "
                    "--temperature, the policy that sampled (TRL, verl, NeMo-RL); 1 reproduces the released code")
@@ -331,6 +334,8 @@ def parse_args(stage):
     selfplay.check_game_args(cfg)
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if cfg.lora_rank > 0 else 1e-5
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
     if cfg.logprob_temperature is None:
