@@ -7,8 +7,8 @@ a vote names the spy is verifiable from the game itself: no label from outside.
 
   Eq. 4  decision reward: +1 for the spy's seat, -0.5 for N/A, -1 for a wrong seat or an
          unparsable answer. (--decision-reward shaped: the released code's
-         0.3 (2 fmt - 1) + 1.2 acc + 0.99 [acc > 0], fmt = reasoning before the box and a
-         non-empty answer.)
+         0.3 (2 fmt - 1) + 1.2 acc + 0.99 [acc > 0], acc = Eq. 4's reward, fmt = reasoning
+         before the box longer than 10 characters and a non-empty answer.)
   Eq. 5  group advantages: A_i = (r_i - mean) / (std + 1e-8) over one game's samples (population
          std); a group whose rewards are all equal gets zero advantages.
   Eq. 6  the clipped surrogate + k3 KL loss on the decision tokens: trainer.policy_loss.
@@ -31,10 +31,13 @@ def decision_reward(vote, spy):
 
 
 def shaped_decision_reward(turn, spy):
-    """The released code's reward: format and accuracy terms plus a bonus for being right."""
-    accuracy = float(turn.parsed == spy)
+    """The released code's reward: r = 0.3 (2 fmt - 1) + 1.2 acc + 0.99 [acc > 0], acc = Eq. 4's
+    +1 / -0.5 / -1 (right / N/A / wrong or invalid), fmt = reasoning before the box longer than
+    10 characters and a non-empty answer. Right 2.49 (1.89 without the format), N/A -0.30
+    (-0.90), wrong -0.90 (-1.50)."""
+    accuracy = decision_reward(turn.parsed, spy)
     answer = selfplay.first_boxed(turn.text)
-    well_formed = float(bool(answer and answer.strip()) and len(turn.reasoning.split()) >= 3)
+    well_formed = float(bool(answer and answer.strip()) and len(turn.reasoning) > 10)
     return 0.3 * (2 * well_formed - 1) + 1.2 * accuracy + 0.99 * (accuracy > 0)
 
 

@@ -38,6 +38,8 @@ if [ "${GPU_SETTINGS:-0}" = 1 ] || "$PYTHON" -c "import sys, torch; sys.exit(not
   ITERATIONS=${ITERATIONS:-100}
   GAMES=${GAMES:-16}
   EVAL_GAMES=${EVAL_GAMES:-100}
+  # no --lr: trainer.py's default, 1e-4 for LoRA (about 10x the full fine-tuning rate, as LoRA
+  # studies find) and the paper's 1e-5 with LORA_RANK=0 (full fine-tuning); EXTRA="--lr X" overrides
   VQA_TOKENS=${VQA_TOKENS:-64}
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}" --dtype bfloat16)
 elif [ -n "${QUICK:-}" ]; then

@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import zlib
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,8 +44,9 @@ import distributed
 
 GAME_INTRO = (
     'You are playing "Who is the spy?" with {n} players, seated 1 to {n}. Every player sees a '
-    "picture. The civilians all see the same picture; the spy sees a slightly different one. "
+    "picture. "
 )
+MODIFIED_INTRO = "The civilians all see the same picture; the spy sees a slightly different one. "
 DOMAIN_RULES = {
     "clevr": "The spy's picture shows the same 3-D scene, except that two objects were replaced "
     "by objects of another shape and colour, standing in the same places.",
@@ -56,7 +57,9 @@ DOMAIN_RULES = {
     "cells": "The spy's picture shows the same coloured squares in the same places, except that "
     "two squares have another colour.",
 }
-BLANK_RULE = "The spy sees only an empty picture and must guess the scene from the clues."
+# --spy-image blank: the only rules are the blank game's, so nothing contradicts the empty picture
+BLANK_RULE = ("The civilians all see the same picture; the spy sees only an empty picture and must "
+              "guess the scene from the clues.")
 CLUE_EXAMPLES = {
     "clevr": "\\boxed{A large shiny red cylinder stands at the back on the left.}",
     "chart": "\\boxed{The tallest bar belongs to the third quarter.}",
@@ -71,6 +74,11 @@ SPY_TASK = (
     "You are the spy. Your picture differs from the others' in a way you do not know. Blend "
     "in: describe something the pictures most likely share, stay vague where they might "
     "differ, and never reveal what only your picture might show."
+)
+BLANK_SPY_TASK = (
+    "You are the spy. Your picture is empty, so you do not know what the others see. Blend in: "
+    "guess from the clues so far what their picture shows, describe something it most likely "
+    "contains, stay vague, and never reveal that your picture is empty."
 )
 CLUE_FORMAT = (
     "Think it over privately, then give your clue as one sentence inside \\boxed{{}}, "
@@ -92,8 +100,9 @@ ROLE_NAMES = ("civilian", "spy")
 
 
 def game_rules(n_players, domain, spy_image):
-    """The rules every player and the judge read."""
-    rules = DOMAIN_RULES[domain] + (" " + BLANK_RULE if spy_image == "blank" else "")
+    """The rules every player and the judge read: the edited-picture game of the domain, or the
+    blank-spy game alone."""
+    rules = BLANK_RULE if spy_image == "blank" else MODIFIED_INTRO + DOMAIN_RULES[domain]
     return GAME_INTRO.format(n=n_players) + rules
 
 
@@ -112,7 +121,8 @@ def clue_prompt(game, seat, round_, cfg):
     own_notes = [c.reasoning for c in game.clues if c.seat == seat and c.reasoning]
     parts = [
         game_rules(cfg.players, game.domain, cfg.spy_image),
-        f"You are Player {seat + 1}. " + (SPY_TASK if is_spy else CIVILIAN_TASK),
+        f"You are Player {seat + 1}. " + (CIVILIAN_TASK if not is_spy
+                                          else BLANK_SPY_TASK if cfg.spy_image == "blank" else SPY_TASK),
         "Clues so far:\n" + clue_history(game.clues),
     ]
     if own_notes:
@@ -396,20 +406,26 @@ def load_processor(path):
 
 def load_model(path, device, dtype):
     from transformers import AutoModelForImageTextToText
-    return from_pretrained(AutoModelForImageTextToText, path, dtype=dtype).to(device)
+    return plain_generation_config(from_pretrained(AutoModelForImageTextToText, path, dtype=dtype).to(device))
 
 
 class Policy:
     """A model as a player: `adapter=False` plays a LoRA model with its adapter switched off,
-    which is the frozen initial policy, so the reference needs no second copy in memory."""
+    which is the frozen initial policy, so the reference needs no second copy in memory.
+    `autocast` (a dtype) computes in that dtype over fp32 weights: full fine-tuning in bf16 keeps
+    fp32 master weights, since AdamW steps of lr 1e-5 mostly round away in bf16 weights."""
 
-    def __init__(self, model, adapter=True):
-        self.model, self.adapter = model, adapter
+    def __init__(self, model, adapter=True, autocast=None):
+        self.model, self.adapter, self.autocast = model, adapter, autocast
 
     def active(self):
+        """The context in which the policy plays and is scored."""
+        context = ExitStack()
         if not self.adapter and hasattr(self.model, "disable_adapter"):
-            return self.model.disable_adapter()
-        return nullcontext()
+            context.enter_context(self.model.disable_adapter())
+        if self.autocast is not None:
+            context.enter_context(torch.autocast(self.model.device.type, dtype=self.autocast))
+        return context
 
 
 # -----------------------------------------------------------------------------
@@ -428,19 +444,47 @@ def stop_ids(model):
     return set(eos if isinstance(eos, list) else [eos])
 
 
+def sampling_settings(model, processor, cfg):
+    """The generation settings of every turn, built in full: sampling is exactly softmax(logits / T)
+    over the whole vocabulary minus the suppressed vision tokens. Every logits processor of
+    transformers' generate is named here and switched off, because any field left unset is filled
+    from the checkpoint's generation_config (Qwen2.5-VL-7B-Instruct's sets repetition_penalty 1.05,
+    top_k, top_p and a temperature of its own); only its special token ids are kept."""
+    from transformers import GenerationConfig
+    checkpoint = model.generation_config
+    # temperature 0 means greedy decoding (vqa.py's exact answers); games always sample
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
+                    epsilon_cutoff=0.0, eta_cutoff=0.0) if cfg.temperature > 0 else dict(do_sample=False)
+    return GenerationConfig(
+        **sampling, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, guidance_scale=1.0,
+        renormalize_logits=False, remove_invalid_values=False, num_beams=1, num_return_sequences=1,
+        suppress_tokens=special_vision_ids(processor), begin_suppress_tokens=[],
+        bos_token_id=checkpoint.bos_token_id, eos_token_id=checkpoint.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id)
+
+
+def plain_generation_config(model):
+    """Give a loaded model a generation_config with its special token ids only. generate() fills
+    every field that sampling_settings leaves None (bad_words_ids, sequence_bias, forced
+    BOS/EOS, top_h, a length penalty, a watermark, ...) from the model's own config, and None
+    cannot be passed to mean "off": so the checkpoint's sampling fields go here, once."""
+    from transformers import GenerationConfig
+    checkpoint = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=checkpoint.bos_token_id,
+                                               eos_token_id=checkpoint.eos_token_id,
+                                               pad_token_id=checkpoint.pad_token_id)
+    return model
+
+
 def generate(policy, processor, turns, cfg):
     """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
     fills completion_ids and text. Returns the number of tokens generated."""
     model = policy.model
     inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
                        padding=True, padding_side="left", return_tensors="pt").to(model.device)
-    # temperature 0 means greedy decoding (vqa.py's exact answers); games always sample
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if cfg.temperature > 0 \
-        else dict(do_sample=False)
     with policy.active(), torch.no_grad():
-        out = model.generate(**inputs, **sampling, max_new_tokens=cfg.max_new_tokens,
-                             suppress_tokens=special_vision_ids(processor),
-                             pad_token_id=processor.tokenizer.pad_token_id,
+        out = model.generate(**inputs, generation_config=sampling_settings(model, processor, cfg),
                              synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together
     stops, n_tokens = stop_ids(model), 0
     for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
@@ -470,12 +514,16 @@ def completion_batch(processor, turns, device):
     return inputs.to(device), ids.to(device), mask.to(device)
 
 
-def token_logprobs(model, inputs, completion_ids, with_entropy=False):
-    """log pi(token | prefix) of every completion token, [B, T]; the one log-prob computation
-    used for the policy, the old policy and the reference. with_entropy=True also returns the
-    entropy of pi at every completion position, [B, T], from the same logits (no gradient)."""
+def token_logprobs(model, inputs, completion_ids, temperature=1.0, with_entropy=False):
+    """log pi(token | prefix) of every completion token under softmax(logits / temperature), [B, T];
+    the one log-prob computation used for the policy, the old policy and the reference. Pass the
+    sampling temperature to score a rollout under the policy that sampled it (as TRL, verl and
+    NeMo-RL do); 1.0 is the model's own distribution (supervised warm start). No KV cache: these
+    passes never decode further, and the cache would cost ~57 KB per token at 7B shape.
+    with_entropy=True also returns the entropy of that distribution at every completion
+    position, [B, T], from the same logits (no gradient)."""
     width = completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=width + 1).logits[:, :-1].float()
+    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float() / temperature
     # gather - logsumexp: the same value as log_softmax without a second [B, T, vocab] tensor
     logp = logits.gather(2, completion_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return (logp, token_entropy(logits)) if with_entropy else logp

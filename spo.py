@@ -11,7 +11,10 @@ decision went, and trains the shared policy on the clue turns only:
   Eq. 2  role advantage estimation (RAE): one baseline per role, starting at 0;
            A = r - b_role, THEN b_role <- alpha b_role + (1 - alpha) mean_batch(r_role), alpha = 0.95
          (the spy and the civilians face different odds; without RAE the paper's average drops
-         below the base model). No std normalisation.
+         below the base model). No std normalisation. Bias-corrected by default, like Eqs. 7-8:
+         b_role is read as the raw EMA / (1 - alpha^t), t = updates so far (the first update
+         sets it to the batch's role mean; the literal EMA still held a 0.95 share of its 0
+         start after one update and 36% after 20); --no-rae-bias-correction is the literal EMA.
   Eq. 3  the clipped surrogate + k3 KL loss on the clue tokens: trainer.policy_loss.
 
 Run it through Iterative-SPO (`bash run.sh`), or alone for the clue-only ablation:
@@ -35,19 +38,34 @@ def clue_rewards(votes, spy, beta=0.1, lam=0.1):
     return rewards
 
 
-def role_advantages(rewards, is_spy, baselines, alpha=0.95, update_first=False):
+def initial_baselines():
+    """The RAE state of a fresh run: both role baselines' raw EMAs at 0, and no update yet."""
+    return {"spy": 0.0, "civilian": 0.0, "updates": 0}
+
+
+def baseline_values(baselines, alpha=0.95, bias_correction=True):
+    """The baseline each role subtracts: the raw EMA divided by 1 - alpha^t after t updates (0
+    before the first), so that from the first clue iteration on it means "recent mean reward"
+    like the bias-corrected Eqs. 7-8; bias_correction=False is the literal EMA of Eq. 2."""
+    scale = 1 - alpha ** baselines["updates"] if bias_correction else 1.0
+    return {role: baselines[role] / scale if scale > 0 else 0.0 for role in ("spy", "civilian")}
+
+
+def role_advantages(rewards, is_spy, baselines, alpha=0.95, update_first=False, bias_correction=True):
     """Eq. 2: advantages of a batch of players against their role's baseline, then the EMA update
-    of `baselines` ({"spy": float, "civilian": float}) in place with the batch's mean reward per
-    role. update_first=True reproduces the released code (update, then subtract)."""
+    of `baselines` (initial_baselines(): raw EMAs and the update count) in place with the batch's
+    mean reward per role. update_first=True reproduces the released code (update, then subtract)."""
     def update():
         for role, flag in (("spy", True), ("civilian", False)):
             role_rewards = [r for r, s in zip(rewards, is_spy) if s == flag]
             if role_rewards:
                 baselines[role] = alpha * baselines[role] + (1 - alpha) * sum(role_rewards) / len(role_rewards)
+        baselines["updates"] += 1
 
     if update_first:
         update()
-    advantages = [r - baselines["spy" if s else "civilian"] for r, s in zip(rewards, is_spy)]
+    subtracted = baseline_values(baselines, alpha, bias_correction)
+    advantages = [r - subtracted["spy" if s else "civilian"] for r, s in zip(rewards, is_spy)]
     if not update_first:
         update()
     return advantages
@@ -64,7 +82,8 @@ def clue_samples(games, baselines, cfg):
     over all players of the batch, which updates `baselines`). Sets game.advantages."""
     rewards = [r for game in games for r in game.rewards]
     is_spy = [seat == game.spy for game in games for seat in range(cfg.players)]
-    advantages = role_advantages(rewards, is_spy, baselines, cfg.rae_alpha, cfg.rae_update_first)
+    advantages = role_advantages(rewards, is_spy, baselines, cfg.rae_alpha, cfg.rae_update_first,
+                                 cfg.rae_bias_correction)
     turns, turn_advantages = [], []
     for i, game in enumerate(games):
         game.advantages = advantages[i * cfg.players:(i + 1) * cfg.players]

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
                temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
-               rae_alpha=0.95, rae_update_first=False, decision_reward="paper", lora_rank=0,
+               rae_alpha=0.95, rae_update_first=False, rae_bias_correction=True, logprob_temperature=1.0, decision_reward="paper", lora_rank=0,
                device="cpu", dtype=torch.float32, gradient_checkpointing=False)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -46,20 +46,52 @@ def test_clue_rewards_by_hand_and_zero_sum():
         assert sum(spo.clue_rewards(votes, spy)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_role_advantages_subtract_then_update():
-    baselines = {"spy": 0.0, "civilian": 0.0}
-    first = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+def test_role_advantages_literal_ema_subtract_then_update():
+    baselines = spo.initial_baselines()
+    first = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5, bias_correction=False)
     assert first == pytest.approx([1.0, -1.0, -3.0])  # the baselines as they were: 0
-    assert baselines == pytest.approx({"spy": 0.5, "civilian": -1.0})  # 0.5 * 0 + 0.5 * mean(-1, -3)
-    second = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5)
+    assert baselines == pytest.approx({"spy": 0.5, "civilian": -1.0, "updates": 1})  # 0.5 * 0 + 0.5 * mean(-1, -3)
+    second = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], baselines, alpha=0.5, bias_correction=False)
     assert second == pytest.approx([0.5, 0.0, -2.0])
-    assert baselines == pytest.approx({"spy": 0.75, "civilian": -1.5})
+    assert baselines == pytest.approx({"spy": 0.75, "civilian": -1.5, "updates": 2})
 
 
 def test_role_advantages_update_first_like_released_code():
-    baselines = {"spy": 0.0, "civilian": 0.0}
-    adv = spo.role_advantages([1.0, -1.0], [True, False], baselines, alpha=0.9, update_first=True)
+    baselines = spo.initial_baselines()
+    adv = spo.role_advantages([1.0, -1.0], [True, False], baselines, alpha=0.9, update_first=True, bias_correction=False)
     assert adv == pytest.approx([1.0 - 0.1, -1.0 + 0.1])
+    # bias-corrected, the first update makes the baselines the batch's role means
+    adv = spo.role_advantages([1.0, -1.0, -3.0], [True, False, False], spo.initial_baselines(), alpha=0.9, update_first=True)
+    assert adv == pytest.approx([0.0, 1.0, -1.0])
+
+
+def test_bias_corrected_role_baselines_read_the_recent_mean_at_once():
+    """Constant role rewards (spy -0.3, civilians 0.1): bias-corrected, every advantage is 0 from
+    the second clue iteration on; the literal EMA still gives the spy -0.244 in the 5th
+    iteration and -0.113 in the 20th (-0.3 * 0.95^4, -0.3 * 0.95^19)."""
+    rewards, is_spy = [-0.3, 0.1, 0.1, 0.1], [True, False, False, False]
+    corrected, literal = spo.initial_baselines(), spo.initial_baselines()
+    spy_literal = []
+    for iteration in range(1, 21):
+        adv = spo.role_advantages(rewards, is_spy, corrected)
+        assert adv == pytest.approx(rewards if iteration == 1 else [0.0] * 4, abs=1e-12)
+        spy_literal.append(spo.role_advantages(rewards, is_spy, literal, bias_correction=False)[0])
+        assert spo.baseline_values(corrected) == pytest.approx({"spy": -0.3, "civilian": 0.1})
+    assert (spy_literal[4], spy_literal[19]) == pytest.approx((-0.3 * 0.95 ** 4, -0.3 * 0.95 ** 19))
+    assert (round(spy_literal[4], 3), round(spy_literal[19], 3)) == (-0.244, -0.113)
+    assert corrected["updates"] == literal["updates"] == 20 and corrected["spy"] == literal["spy"]
+
+
+def test_checkpoint_without_baseline_count_counts_its_clue_iterations(tmp_path):
+    """A run saved before the count was kept: its role baselines were updated once per clue
+    iteration, which metrics.jsonl records (lines after the checkpoint do not count)."""
+    path = str(tmp_path / "metrics.jsonl")
+    stages = ["decision"] * 5 + ["clue"] * 6 + ["decision"] * 2 + ["clue"] * 3
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"iteration": i + 1, "stage": s}) + "\n" for i, s in enumerate(stages))
+    assert trainer.clue_iterations_logged(path, 14) == 7
+    assert trainer.clue_iterations_logged(str(tmp_path / "none.jsonl"), 14) == 0
+    assert trainer.fresh_state(SimpleNamespace(schedule="iterative"), spo.initial_baselines())["baselines"] == spo.initial_baselines()
 
 
 def test_decision_reward_and_group_advantages():
@@ -71,12 +103,21 @@ def test_decision_reward_and_group_advantages():
     assert rlvr.group_advantages([-1.0] * 8) == [0.0] * 8
 
 
-def test_shaped_reward_matches_released_formula():
-    right = selfplay.Turn(-1, -1, "", None, text="The third player named a sphere. \\boxed{3}", parsed=2)
-    bare = selfplay.Turn(-1, -1, "", None, text="\\boxed{3}", parsed=2)
-    assert rlvr.shaped_decision_reward(right, spy=2) == pytest.approx(0.3 + 1.2 + 0.99)
-    assert rlvr.shaped_decision_reward(bare, spy=2) == pytest.approx(-0.3 + 1.2 + 0.99)
-    assert rlvr.shaped_decision_reward(right, spy=0) == pytest.approx(0.3)
+@pytest.mark.parametrize("text, parsed, reward", [
+    ("The third player named a sphere. \\boxed{3}", 2, 2.49),   # right, format ok
+    ("It is P 3. \\boxed{3}", 2, 1.89),                          # right, reasoning of exactly 10 characters
+    ("\\boxed{3}", 2, 1.89),                                      # right, no reasoning
+    ("Nobody's clue stands out. \\boxed{N/A}", "N/A", -0.30),   # N/A, format ok
+    ("\\boxed{N/A}", "N/A", -0.90),
+    ("The first player named a sphere. \\boxed{1}", 0, -0.90),   # wrong seat, format ok
+    ("\\boxed{1}", 0, -1.50),
+    ("I think it is player number three.", None, -1.50),          # no box: invalid, no answer
+    ("I think it is someone, really. \\boxed{ }", None, -1.50),  # an empty answer is bad format
+    ("I think it is someone, really. \\boxed{9}", None, -0.90),  # invalid seat, format ok
+])
+def test_shaped_reward_table_of_the_released_code(text, parsed, reward):
+    turn = selfplay.Turn(-1, -1, "", None, text=text, parsed=parsed)
+    assert rlvr.shaped_decision_reward(turn, spy=2) == pytest.approx(reward, abs=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -205,30 +246,6 @@ def sample_turns(processor, pairs, n):
     prompts = ["Give a clue.", "You are Player 2. " * 3]
     return [selfplay.Turn(0, 0, selfplay.chat(processor, prompts[i % 2]),
                           selfplay.load_image(pairs[i % len(pairs)]["original"])) for i in range(n)]
-
-
-def test_logprobs_match_generate(tiny_model, pairs_dir):
-    processor = selfplay.load_processor(tiny_model)
-    model = selfplay.load_model(tiny_model, "cpu", torch.float32).eval()
-    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)  # mixed image sizes and prompt lengths
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt")
-    torch.manual_seed(0)
-    out = model.generate(**inputs, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=12,
-                         suppress_tokens=selfplay.special_vision_ids(processor), output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
-    sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
-    generate_logp = torch.stack([F.log_softmax(step.float(), -1) for step in out.logits], 1)
-    generate_logp = generate_logp.gather(2, sampled.unsqueeze(-1)).squeeze(-1)
-    stops = selfplay.stop_ids(model)
-    for turn, row in zip(turns, sampled.tolist()):
-        turn.completion_ids = row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
-    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
-    with torch.no_grad():
-        recomputed = selfplay.token_logprobs(model, batch, ids)
-    width = ids.shape[1]
-    assert mask.sum() > len(turns)
-    assert torch.allclose(recomputed * mask, generate_logp[:, :width] * mask, atol=1e-4)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -372,6 +389,24 @@ def test_prompts_follow_the_game(tiny_model, pairs_dir):
     assert "Hmm, red" not in judge and "Secret plan" not in judge and "Some objects." in judge
     assert "\\boxed{2}" in judge and "{{" not in judge + spy_prompt
     assert selfplay.BLANK_RULE in selfplay.game_rules(4, "chart", "blank")
+
+
+def test_blank_spy_prompts_describe_the_blank_game_only():
+    """--spy-image blank: no text a player or the judge reads speaks of an edited picture."""
+    edit_words = ("slightly different", "replaced", "differ", "swapped", "another colour", "except")
+    for domain in selfplay.DOMAIN_RULES:
+        game = selfplay.Game(pair={"domain": domain}, spy=2)
+        game.clues = [selfplay.Turn(0, 0, "", None, text="\\boxed{A red square.}", parsed="A red square.")]
+        for decision in ("judge", "civilians"):
+            cfg = game_cfg(rounds=2, spy_image="blank", decision=decision)
+            texts = [selfplay.clue_prompt(game, seat, 1, cfg) for seat in range(4)]
+            texts += [selfplay.decision_prompt(game, voter, cfg) for voter in (None, 0, 1, 3)]
+            for text in texts:
+                assert selfplay.BLANK_RULE in text
+                assert not [w for w in edit_words if w in text.lower()], text
+            assert "empty" in texts[2] and "You are the spy" in texts[2]
+        modified = selfplay.clue_prompt(game, 2, 1, game_cfg(rounds=2))
+        assert selfplay.DOMAIN_RULES[domain] in modified and "slightly different" in modified
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,9 @@ comes next:
            mean over a sequence's completion tokens, then over sequences. With one optimiser step
            per batch the ratio is 1 (REINFORCE + KL), so logp_old is the detached logp; with
            --minibatches M > 1, logp_old is the sampling policy's, computed before the first step.
+           logp, logp_old and ref are all log-probs of softmax(logits / T) at the sampling
+           temperature T, so that the gradient is that of the policy that sampled the tokens
+           (--logprob-temperature 1 reproduces the released code, which sampled at 0.8).
   Eq. 7-8  acc_ema <- rho acc_ema + (1 - rho) acc_t, na_ema likewise, rho = 0.95, both from 0;
            acc_t = fraction of decision samples naming the spy, na_t = fraction of N/A.
   Eq. 9    decision -> clue when acc_ema >= 0.9 and na_ema <= 0.1 (the spy is too easy to find).
@@ -145,7 +148,8 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         with torch.no_grad():
             for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
                 inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
-                old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids)
+                with policy.active():
+                    old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
@@ -159,8 +163,9 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
-                    ref_logp = selfplay.token_logprobs(reference.model, inputs, ids)
-            logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, with_entropy=True)
+                    ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
+            with policy.active():
+                logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
             old_logp = old_logps.get(chunk[0], logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
             ratio = torch.exp(logp.detach() - old_logp)
@@ -195,32 +200,43 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
 # Plumbing: models, checkpoints, config
 
 
+def master_dtype(cfg):
+    """(weights dtype, autocast dtype) of the trainable model. LoRA trains fp32 adapters on
+    frozen --dtype weights; full fine-tuning keeps fp32 master weights (and checkpoints) and
+    computes in --dtype under autocast."""
+    if cfg.lora_rank > 0 or cfg.dtype == torch.float32:
+        return cfg.dtype, None
+    return torch.float32, cfg.dtype
+
+
 def build_policy(cfg, checkpoint=None):
     """The trainable model (from the checkpoint when resuming) and its processor."""
     from peft import LoraConfig, PeftModel, get_peft_model
     processor = selfplay.load_processor(cfg.model)
+    weights, autocast = master_dtype(cfg)
     if cfg.lora_rank > 0:
-        model = selfplay.load_model(cfg.model, cfg.device, cfg.dtype)
+        model = selfplay.load_model(cfg.model, cfg.device, weights)
         if checkpoint:
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:  # the text model's projections only; the vision tower stays as it is
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
                               target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj")
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, lora)  # adapters in fp32 whatever the base dtype (peft's default)
     else:
-        model = selfplay.load_model(checkpoint or cfg.model, cfg.device, cfg.dtype)
+        model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return selfplay.Policy(distributed.wrap(model, cfg).eval()), processor
+    return selfplay.Policy(distributed.wrap(model, cfg).eval(), autocast=autocast), processor
 
 
 def reference_policy(policy, cfg):
     """The frozen initial policy: the same model with its LoRA adapter off (no second copy in
-    memory), or, for full fine-tuning, a frozen copy of --model."""
+    memory), or, for full fine-tuning, a frozen copy of --model computed exactly as the policy
+    is (same weights dtype and autocast), so that the KL is 0 before the first update."""
     if cfg.lora_rank > 0:
         return selfplay.Policy(policy.model, adapter=False)
-    frozen = selfplay.load_model(cfg.model, cfg.device, cfg.dtype).eval().requires_grad_(False)
-    return selfplay.Policy(distributed.wrap_reference(frozen, cfg))
+    frozen = selfplay.load_model(cfg.model, cfg.device, master_dtype(cfg)[0]).eval().requires_grad_(False)
+    return selfplay.Policy(distributed.wrap_reference(frozen, cfg), autocast=policy.autocast)
 
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
@@ -364,10 +380,19 @@ def save_checkpoint(out, policy, processor, optimizer, state):
             shutil.rmtree(os.path.join(out, other), ignore_errors=True)
 
 
-def fresh_state(cfg):
+def fresh_state(cfg, baselines):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
-            "baselines": {"spy": 0.0, "civilian": 0.0}, "world_size": distributed.world_size()}
+            "baselines": baselines, "world_size": distributed.world_size()}
+
+
+def clue_iterations_logged(path, last_iteration):
+    """How many clue iterations metrics.jsonl records up to last_iteration: the role baselines'
+    update count of a checkpoint written before the count was kept (one update per clue iteration)."""
+    if not os.path.exists(path):
+        return 0
+    return sum(1 for m in jsonl.read_jsonl(path) if m.get("stage") == "clue"
+               and isinstance(m.get("iteration"), int) and m["iteration"] <= last_iteration)
 
 
 def trim_log(path, last_iteration):
@@ -403,7 +428,13 @@ def parse_args(stage):
     selfplay.add_game_args(p)
     p.add_argument("--schedule", choices=["iterative", "alternate", "clue", "decision"], default="iterative",
                    help="iterative: Algorithm 1; alternate: switch every iteration (released code); clue/decision: one stage only (ablations)")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine, 10%% warm-up)")
+    p.add_argument("--lr", type=float,
+                   help="peak AdamW learning rate (cosine, 10%% warm-up); default 1e-4 with LoRA, 1e-5 (the paper's) for "
+                   "full fine-tuning: the best LoRA rate is about 10x the full fine-tuning one (Thinking Machines 2025, "
+                   "LoRA Without Regret; Biderman et al. 2024, LoRA Learns Less and Forgets Less)")
+    p.add_argument("--logprob-temperature", type=float,
+                   help="temperature of the policy, old-policy and reference log-probs in the loss; default: "
+                   "--temperature, the policy that sampled (TRL, verl, NeMo-RL); 1 reproduces the released code")
     p.add_argument("--kl", type=float, default=0.04, help="beta_KL, weight of the k3 KL to the initial policy; 0 skips the reference pass")
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
@@ -414,6 +445,9 @@ def parse_args(stage):
     p.add_argument("--lam", type=float, default=0.1, help="Eq. 1: lambda, penalty for a civilian drawing votes")
     p.add_argument("--rae-alpha", type=float, default=0.95, help="Eq. 2: EMA factor of the role baselines (released code: 0.9)")
     p.add_argument("--rae-update-first", action="store_true", help="update the role baselines before subtracting them (released code)")
+    p.add_argument("--rae-bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide the role baselines by 1 - alpha^t like Eqs. 7-8, so the first clue iteration already "
+                   "subtracts the batch's role mean; --no-rae-bias-correction: the literal EMA from 0 (paper, released code)")
     p.add_argument("--decision-reward", choices=["paper", "shaped"], default="paper", help="Eq. 4 (paper) or the released code's shaped reward")
     p.add_argument("--rho", type=float, default=0.95, help="Eqs. 7-8: EMA factor of decision accuracy and N/A rate")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -429,13 +463,19 @@ def parse_args(stage):
     p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="weights dtype; auto = bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if cfg.lora_rank > 0 else 1e-5
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
+    if cfg.logprob_temperature is None:
+        cfg.logprob_temperature = cfg.temperature
+    if cfg.logprob_temperature <= 0:
+        p.error("--logprob-temperature must be positive")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.dtype == "auto":
@@ -479,9 +519,12 @@ def main(stage, clue_stage, decision_stage):
     checkpoint, state, note = resume_point(cfg.out)
     if note and distributed.is_main():
         print(note)
-    state = state or fresh_state(cfg)
+    state = state or fresh_state(cfg, clue_stage.initial_baselines())
     if checkpoint:
         distributed.check_resume(state.get("world_size", 1), cfg.out)
+        if "updates" not in state["baselines"]:  # a checkpoint from before the RAE bias correction
+            state["baselines"]["updates"] = clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
+                                                                   state["iteration"])
     if state["iteration"] >= cfg.iterations:
         if distributed.is_main():
             print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
@@ -528,8 +571,12 @@ def main(stage, clue_stage, decision_stage):
         # score every game for both stages (for the log); train only the active stage
         clue_stage.score_clues(games, cfg)
         decision_stage.score_decisions(games, cfg)
+        # the role baselines as the clue advantages subtract them (bias-corrected unless told not to)
+        baselines = clue_stage.baseline_values(state["baselines"], cfg.rae_alpha, cfg.rae_bias_correction)
         if stage == "clue":
             turns, advantages = clue_stage.clue_samples(games, state["baselines"], cfg)
+            if cfg.rae_update_first:
+                baselines = clue_stage.baseline_values(state["baselines"], cfg.rae_alpha, cfg.rae_bias_correction)
         else:
             turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
@@ -544,7 +591,7 @@ def main(stage, clue_stage, decision_stage):
         metrics = {
             "iteration": iteration, "stage": stage, **batch,
             "acc_ema": state["acc_ema"], "na_ema": state["na_ema"],
-            "baseline_spy": state["baselines"]["spy"], "baseline_civilian": state["baselines"]["civilian"],
+            "baseline_spy": baselines["spy"], "baseline_civilian": baselines["civilian"],
             **step, "lr": lr, "gen_tokens_per_s": gen_tokens / max(generated - started, 1e-9),
             "seconds_generate": generated - started, "seconds_update": updated - generated,
             "seconds": time.time() - started,
