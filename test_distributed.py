@@ -60,7 +60,7 @@ def games_worker(rank, world, port, out):
     games = distributed.gather_games(own)
     spo.score_clues(games, cfg)
     rlvr.score_decisions(games, cfg)
-    baselines = {"spy": 0.1, "civilian": -0.2}
+    baselines = {"spy": 0.1, "civilian": -0.2, "updates": 3}
     turns, advantages = distributed.own_samples(*spo.clue_samples(games, baselines, cfg), own)
     torch.save({"ids": [g.pair["id"] for g in games], "baselines": baselines, "stats": selfplay.decision_stats(games),
                 "turns": [t.prompt for t in turns], "advantages": advantages,
@@ -79,9 +79,9 @@ def test_ranks_score_the_global_batch_and_train_on_their_own_games(tmp_path):
     games = scripted_games()
     spo.score_clues(games, cfg)
     rlvr.score_decisions(games, cfg)
-    baselines = {"spy": 0.1, "civilian": -0.2}
+    baselines = {"spy": 0.1, "civilian": -0.2, "updates": 3}
     turns, advantages = spo.clue_samples(games, baselines, cfg)
-    assert baselines != {"spy": 0.1, "civilian": -0.2}  # the rewards moved them
+    assert baselines != {"spy": 0.1, "civilian": -0.2, "updates": 3}  # the rewards moved them
     for r in ranks:
         assert r["ids"] == [g.pair["id"] for g in games]
         assert r["baselines"] == baselines and r["stats"] == selfplay.decision_stats(games)

@@ -134,9 +134,9 @@ def test_the_loss_scores_every_pass_at_the_logprob_temperature(tiny_model, pairs
     selfplay.generate(policy, processor, turns, cfg)
     temperatures, score = [], selfplay.token_logprobs
 
-    def recording(model, inputs, ids, temperature=1.0):
+    def recording(model, inputs, ids, temperature=1.0, **kwargs):
         temperatures.append((model is reference.model, temperature))
-        return score(model, inputs, ids, temperature)
+        return score(model, inputs, ids, temperature, **kwargs)
 
     monkeypatch.setattr(selfplay, "token_logprobs", recording)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
@@ -167,9 +167,8 @@ def test_bf16_full_fine_tuning_keeps_its_updates(tiny_model, pairs_dir, tmp_path
     selfplay.generate(policy, processor, turns, cfg)
     before = matrix.detach().clone()
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    loss, kl, grad_norm, skipped = trainer.train_step(policy, reference, optimizer, processor, turns,
-                                                      [1.0, -1.0, 0.5, -0.5], cfg, lr=1e-5)
-    assert not skipped and kl == pytest.approx(0.0, abs=1e-6)  # the reference is computed as the policy is
+    step = trainer.train_step(policy, reference, optimizer, processor, turns, [1.0, -1.0, 0.5, -0.5], cfg, lr=1e-5)
+    assert not step["skipped_update"] and step["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is computed as the policy is
     changed = (matrix.detach() != before).float().mean().item()
     assert changed > 0.9, f"only {changed:.1%} of {name} changed"
     assert matrix.dtype == torch.float32 and policy.autocast == torch.bfloat16
