@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import selfplay
+import checkpoints
 import trainer
 
 
@@ -39,10 +40,10 @@ def main():
     args = p.parse_args()
     if args.games < 2 or args.batch < 1:
         p.error("--games must be at least 2 (one game per side) and --batch at least 1")
-    checkpoint, _, note = trainer.resume_point(args.out)
+    checkpoint, _, note = checkpoints.resume_point(args.out)
     if note:
         print(note)
-    cfg = trainer.load_run_config(args.out)
+    cfg = checkpoints.load_run_config(args.out)
     if checkpoint is None or cfg is None:
         sys.exit(f"error: {args.out} holds no trained checkpoint; train first with `bash run.sh`")
     cfg.data = args.data or cfg.data
@@ -89,7 +90,7 @@ def main():
         "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
         "seed": args.seed,
     }
-    trainer.write_json_atomic(os.path.join(args.out, "eval.json"), result)
+    checkpoints.write_json_atomic(os.path.join(args.out, "eval.json"), result)
     with open(os.path.join(args.out, "eval_games.jsonl"), "w") as f:
         for game, t in zip(games, trained_civilians):
             f.write(json.dumps(selfplay.game_record(game, cfg, trained_side="civilians" if t else "spy")) + "\n")

@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+import checkpoints
 import trainer
 
 IMAGE_ONLY_PROCESSOR = "ImageOnlyQwenProcessor"  # the class selfplay.register_image_only_processor defines
@@ -49,22 +50,22 @@ def stock_processor_files(folder):
     if "shortest_edge" in size:  # the names transformers 4.x reads
         image.setdefault("min_pixels", size["shortest_edge"])
         image.setdefault("max_pixels", size["longest_edge"])
-    trainer.write_json_atomic(os.path.join(folder, "preprocessor_config.json"), image)
+    checkpoints.write_json_atomic(os.path.join(folder, "preprocessor_config.json"), image)
     os.remove(nested)
     tokenizer_path = os.path.join(folder, "tokenizer_config.json")
     with open(tokenizer_path) as f:
         tokenizer = json.load(f)
     if tokenizer.get("processor_class") == IMAGE_ONLY_PROCESSOR:
         tokenizer["processor_class"] = STOCK_PROCESSOR
-        trainer.write_json_atomic(tokenizer_path, tokenizer)
+        checkpoints.write_json_atomic(tokenizer_path, tokenizer)
 
 
 def export(run, target, dtype):
     """Write the run's latest checkpoint as a plain model folder at target (see the docstring)."""
-    cfg = trainer.load_run_config(run)
+    cfg = checkpoints.load_run_config(run)
     if cfg is None:
         sys.exit(f"error: {run} is not a training run (no config.json); give the --out folder of rlvr.py, spo.py or run.sh")
-    checkpoint, _, _ = trainer.resume_point(run)  # the newest checkpoint that reads back whole
+    checkpoint, _, _ = checkpoints.resume_point(run)  # the newest checkpoint that reads back whole
     if checkpoint is None or not os.path.isdir(checkpoint):
         sys.exit(f"error: {run} has no checkpoint yet; train it first (`bash run.sh` with OUT={run})")
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):

@@ -101,7 +101,7 @@ ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --
 ARGS+=(${EXTRA:-})
 
 progress() {  # "iteration stage" of the checkpoint the stage scripts will resume from, or "0 start"
-  "$PYTHON" -c 'import sys, trainer; print(trainer.progress(sys.argv[1]))' "$OUT"
+  "$PYTHON" -c 'import sys, checkpoints; print(checkpoints.progress(sys.argv[1]))' "$OUT"
 }
 
 while true; do

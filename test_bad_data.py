@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import matplotlib
-import pytest
 from PIL import Image
 
 import make_tiny_model

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import trainer
+import checkpoints
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +40,7 @@ def optimizer():
 
 def save(out, iteration, stage="decision"):
     policy, processor = fake_policy()
-    trainer.save_checkpoint(str(out), policy, processor, optimizer(), {"iteration": iteration, "stage": stage})
+    checkpoints.save_checkpoint(str(out), policy, processor, optimizer(), {"iteration": iteration, "stage": stage})
 
 
 def folders(out):
@@ -61,10 +61,10 @@ def test_keeps_the_last_two_and_removes_leftovers(tmp_path):
     save(tmp_path, 3)
     assert folders(tmp_path) == ["ckpt-000002", "ckpt-000003"]
     assert open(tmp_path / "latest").read() == "ckpt-000003"
-    folder, state, note = trainer.resume_point(str(tmp_path))
+    folder, state, note = checkpoints.resume_point(str(tmp_path))
     assert folder.endswith("ckpt-000003") and state == {"iteration": 3, "stage": "decision"} and note is None
-    assert trainer.progress(str(tmp_path)) == "3 decision"
-    assert trainer.progress(str(tmp_path / "not-started")) == "0 start"
+    assert checkpoints.progress(str(tmp_path)) == "3 decision"
+    assert checkpoints.progress(str(tmp_path / "not-started")) == "0 start"
 
 
 DAMAGE = {
@@ -85,11 +85,11 @@ def test_damaged_newest_falls_back_to_the_previous(tmp_path, damage):
     for iteration in (1, 2, 3):
         save(tmp_path, iteration)
     DAMAGE[damage](tmp_path)
-    folder, state, note = trainer.resume_point(str(tmp_path))
+    folder, state, note = checkpoints.resume_point(str(tmp_path))
     assert folder.endswith("ckpt-000002") and state["iteration"] == 2
     assert "ckpt-000003 is damaged" in note and note.endswith("resuming from ckpt-000002, iteration 3 will be redone")
     assert "\n" not in note
-    assert trainer.progress(str(tmp_path)) == "2 decision"
+    assert checkpoints.progress(str(tmp_path)) == "2 decision"
     save(tmp_path, 3)  # the redone iteration replaces the damaged folder; the good one stays
     assert folders(tmp_path) == ["ckpt-000002", "ckpt-000003"]
 
@@ -98,10 +98,10 @@ def test_latest_empty_or_naming_a_missing_folder(tmp_path):
     save(tmp_path, 1)
     save(tmp_path, 2)
     (tmp_path / "latest").write_text("")
-    folder, _, note = trainer.resume_point(str(tmp_path))
+    folder, _, note = checkpoints.resume_point(str(tmp_path))
     assert folder.endswith("ckpt-000002") and "latest is empty" in note and "redone" not in note
     (tmp_path / "latest").write_text("ckpt-000005")
-    folder, _, note = trainer.resume_point(str(tmp_path))
+    folder, _, note = checkpoints.resume_point(str(tmp_path))
     assert folder.endswith("ckpt-000002") and "latest names ckpt-000005, which is missing" in note
     assert note.endswith("iterations 3-5 will be redone")
 
@@ -112,7 +112,7 @@ def test_no_usable_checkpoint_is_one_line_and_a_stop(tmp_path):
     for name in folders(tmp_path):
         truncate(tmp_path / name / "optimizer.pt")
     with pytest.raises(SystemExit) as stop:
-        trainer.resume_point(str(tmp_path))
+        checkpoints.resume_point(str(tmp_path))
     message = str(stop.value)
     assert message.startswith("error: no usable checkpoint") and "\n" not in message
     assert "ckpt-000002 is damaged" in message and "ckpt-000001 is damaged" in message and "another --out" in message
@@ -120,7 +120,7 @@ def test_no_usable_checkpoint_is_one_line_and_a_stop(tmp_path):
     for name in folders(tmp_path):
         os.remove(tmp_path / name / "state.json")
     with pytest.raises(SystemExit, match="no usable checkpoint"):
-        trainer.progress(str(tmp_path))
+        checkpoints.progress(str(tmp_path))
 
 
 def test_a_checkpoint_that_does_not_read_back_never_replaces_the_good_one(tmp_path):
@@ -129,18 +129,18 @@ def test_a_checkpoint_that_does_not_read_back_never_replaces_the_good_one(tmp_pa
     broken = SimpleNamespace(model=SimpleNamespace(save_pretrained=lambda folder: (
         os.makedirs(folder, exist_ok=True), open(os.path.join(folder, "model.safetensors"), "wb").close())))
     with pytest.raises(SystemExit, match="does not read back"):
-        trainer.save_checkpoint(str(tmp_path), broken, processor, optimizer(), {"iteration": 2, "stage": "decision"})
+        checkpoints.save_checkpoint(str(tmp_path), broken, processor, optimizer(), {"iteration": 2, "stage": "decision"})
     assert open(tmp_path / "latest").read() == "ckpt-000001"
-    assert trainer.resume_point(str(tmp_path))[0].endswith("ckpt-000001")
+    assert checkpoints.resume_point(str(tmp_path))[0].endswith("ckpt-000001")
 
 
 def test_trim_log_skips_a_cut_last_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i}) + "\n" for i in range(1, 5)) + '{"iteration": 5, "ac')
-    trainer.trim_log(str(log), 3)
+    checkpoints.trim_log(str(log), 3)
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
     log.write_text('{"iteration": 1}\n[1, 2]\n{"iteration": "2"}\n{"iteration": 2}\n{"itera')
-    trainer.trim_log(str(log), 2)
+    checkpoints.trim_log(str(log), 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == [{"iteration": 1}, {"iteration": 2}]
 
 
@@ -190,7 +190,7 @@ def test_kill_during_checkpoint_write_then_resume_and_a_damaged_newest(tiny_mode
 
     for name in folders(out):
         os.remove(out / name / "optimizer.pt")
-    progress = subprocess.run([sys.executable, "-c", "import sys, trainer; print(trainer.progress(sys.argv[1]))", str(out)],
+    progress = subprocess.run([sys.executable, "-c", "import sys, checkpoints; print(checkpoints.progress(sys.argv[1]))", str(out)],
                               cwd=HERE, capture_output=True, text=True, timeout=300)
     assert progress.returncode == 1 and progress.stdout == "" and "Traceback" not in progress.stderr
     assert progress.stderr.startswith("error: no usable checkpoint") and progress.stderr.count("\n") == 1

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import selfplay
+import checkpoints
 import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +32,7 @@ def lora_run(tiny_model, pairs_dir, tmp_path_factory):
     result = run(["rlvr.py", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--iterations", "1",
                   "--games", "2", "--rounds", "1", "--samples", "2", "--max-new-tokens", "4", "--lora-rank", "4"])
     assert result.returncode == 0, result.stderr
-    cfg, checkpoint = trainer.load_run_config(out), trainer.resume_point(out)[0]
+    cfg, checkpoint = checkpoints.load_run_config(out), checkpoints.resume_point(out)[0]
     policy, _ = trainer.build_policy(cfg, checkpoint)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -69,8 +70,8 @@ def test_export_matches_the_adapter_model_and_loads_without_peft(lora_run, pairs
         assert json.load(f)["processor_class"] == "Qwen2_5_VLProcessor"  # the stock class, as a released folder
     assert not [p for p in os.listdir(tmp_path) if p != "exported"]  # no staging folder left behind
 
-    cfg = trainer.load_run_config(lora_run)
-    adapter_policy, processor = trainer.build_policy(cfg, trainer.resume_point(lora_run)[0])
+    cfg = checkpoints.load_run_config(lora_run)
+    adapter_policy, processor = trainer.build_policy(cfg, checkpoints.resume_point(lora_run)[0])
     exported = AutoModelForImageTextToText.from_pretrained(target, dtype=torch.float32).eval()
     inputs = game_batch(processor, pairs_dir)
     with torch.no_grad():

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rlvr
 import selfplay
 import spo
+import checkpoints
 import trainer
 from trainer import next_stage, policy_loss
 
@@ -89,8 +89,8 @@ def test_checkpoint_without_baseline_count_counts_its_clue_iterations(tmp_path):
     stages = ["decision"] * 5 + ["clue"] * 6 + ["decision"] * 2 + ["clue"] * 3
     with open(path, "w") as f:
         f.writelines(json.dumps({"iteration": i + 1, "stage": s}) + "\n" for i, s in enumerate(stages))
-    assert trainer.clue_iterations_logged(path, 14) == 7
-    assert trainer.clue_iterations_logged(str(tmp_path / "none.jsonl"), 14) == 0
+    assert checkpoints.clue_iterations_logged(path, 14) == 7
+    assert checkpoints.clue_iterations_logged(str(tmp_path / "none.jsonl"), 14) == 0
     assert trainer.fresh_state(SimpleNamespace(schedule="iterative"), spo.initial_baselines())["baselines"] == spo.initial_baselines()
 
 
@@ -204,7 +204,7 @@ def test_bias_corrected_ema_reads_the_first_value():
 def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"iteration": i, "acc": 0.1 * i}) + "\n" for i in range(1, 6)))
-    trainer.trim_log(str(log), 3)
+    checkpoints.trim_log(str(log), 3)
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
 
 

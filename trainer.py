@@ -1,6 +1,6 @@
 """
 trainer.py: what the two stage scripts share. The loss (Eq. 3 = Eq. 6), the Iterative-SPO
-switching rule (Eqs. 7-10, Algorithm 1), checkpoints, and the iteration loop.
+switching rule (Eqs. 7-10, Algorithm 1), and the iteration loop (checkpoints: checkpoints.py).
 
 One iteration: play a batch of full games with the current policy (selfplay.py), train ONLY the
 active stage (clue turns via spo.py, or decision samples via rlvr.py) with one optimiser step (or
@@ -36,16 +36,14 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import distributed
-import jsonl
 import selfplay
 
 # -----------------------------------------------------------------------------
@@ -197,7 +195,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
 
 
 # -----------------------------------------------------------------------------
-# Plumbing: models, checkpoints, config
+# Plumbing: models, config
 
 
 def master_dtype(cfg):
@@ -239,172 +237,10 @@ def reference_policy(policy, cfg):
     return selfplay.Policy(distributed.wrap_reference(frozen, cfg), autocast=policy.autocast)
 
 
-CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
-
-
-def load_run_config(out):
-    """The config.json a training run wrote, as the namespace the scripts use (dtype a torch dtype);
-    None when out is not a run folder."""
-    path = os.path.join(out, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):  # cut or unreadable: not a config this run can be read from
-        return None
-    if not isinstance(saved, dict) or not {"model", "lora_rank", "dtype"} <= set(saved):  # e.g. a model folder's config.json
-        return None
-    cfg = argparse.Namespace(**saved)
-    cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
-    cfg.gradient_checkpointing = False  # only training needs it
-    return cfg
-
-
-def write_json_atomic(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def checkpoint_problem(folder):
-    """(state, None) when a checkpoint folder reads back whole, else (None, what is wrong). Cheap
-    at any model size: safetensors headers are checked against the file sizes and optimizer.pt is
-    memory-mapped, so a truncated or empty file is found without reading the weights."""
-    from safetensors import safe_open
-    try:
-        with open(os.path.join(folder, "state.json")) as f:
-            state = json.load(f)
-        if not (isinstance(state, dict) and isinstance(state.get("iteration"), int) and isinstance(state.get("stage"), str)):
-            return None, "state.json holds no iteration and stage"
-    except (OSError, ValueError) as e:
-        return None, f"state.json unreadable ({type(e).__name__})"
-    weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
-    if not weights:
-        return None, "no weights (*.safetensors)"
-    index = os.path.join(folder, "model.safetensors.index.json")  # a model saved in shards
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                missing = set(json.load(f)["weight_map"].values()) - set(weights)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return None, f"model.safetensors.index.json unreadable ({type(e).__name__})"
-        if missing:
-            return None, f"weight shards missing ({', '.join(sorted(missing))})"
-    for name in weights:
-        try:
-            with safe_open(os.path.join(folder, name), "pt") as f:
-                f.keys()
-        except Exception as e:  # safetensors raises its own error type for a damaged file
-            return None, f"{name} unreadable ({str(e).splitlines()[0][:80]})"
-    try:
-        torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, mmap=True, map_location="cpu")
-    except Exception as e:  # a missing, empty or truncated file: OSError or RuntimeError
-        return None, f"optimizer.pt unreadable ({type(e).__name__})"
-    return state, None
-
-
-def checkpoint_folders(out):
-    """The ckpt-NNNNNN folders of a run folder, newest first, as (iteration, name)."""
-    found = [(int(m.group(1)), name) for name in (os.listdir(out) if os.path.isdir(out) else [])
-             if (m := CHECKPOINT_NAME.fullmatch(name)) and os.path.isdir(os.path.join(out, name))]
-    return sorted(found, reverse=True)
-
-
-def resume_point(out):
-    """(folder, state, note) of the newest checkpoint of a run folder that reads back whole;
-    (None, None, None) for a run not started. The note (None when all is well) is one line that
-    names the damaged newer checkpoints and the iterations that will be redone. A run folder
-    with checkpoints, none of them usable, ends the program with one line that says what to do."""
-    pointer, claimed = os.path.join(out, "latest"), []
-    if os.path.exists(pointer):  # `latest` names the last checkpoint saved; it may be empty or stale
-        try:
-            with open(pointer) as f:
-                named = f.read().strip()
-        except OSError:
-            named = ""
-        m = CHECKPOINT_NAME.fullmatch(named)
-        if m is None:
-            claimed.append((0, "latest is empty or unreadable"))
-        elif not os.path.isdir(os.path.join(out, named)):
-            claimed.append((int(m.group(1)), f"latest names {named}, which is missing"))
-    for iteration, name in checkpoint_folders(out):
-        state, problem = checkpoint_problem(os.path.join(out, name))
-        if problem is None:
-            redo = max([k for k, _ in claimed], default=0)
-            damaged = "; ".join(why for _, why in claimed)
-            redone = f"iteration {redo}" if redo == iteration + 1 else f"iterations {iteration + 1}-{redo}"
-            note = (f"{out}: {damaged}; resuming from {name}" + (f", {redone} will be redone" if redo > iteration else "")
-                    if claimed else None)
-            return os.path.join(out, name), state, note
-        claimed.append((iteration, f"{name} is damaged ({problem})"))
-    if claimed:
-        sys.exit(f"error: no usable checkpoint in {out} ({'; '.join(why for _, why in claimed)}); "
-                 f"start again with another --out, or delete {out} to restart this run from iteration 0")
-    return None, None, None
-
-
-def progress(out):
-    """'iteration stage' of the checkpoint a resume would start from, or '0 start': what run.sh
-    reads between stages, so that it sees exactly what the stage scripts will resume from."""
-    _, state, _ = resume_point(out)
-    return f"{state['iteration']} {state['stage']}" if state else "0 start"
-
-
-def save_checkpoint(out, policy, processor, optimizer, state):
-    """Write ckpt-NNNNNN completely, check that it reads back, point `latest` at it (an atomic
-    rename), then drop every other checkpoint folder but the newest good older one: a crash at
-    any moment, or a newest checkpoint damaged later, leaves a whole checkpoint to resume from.
-    Every rank calls it (FSDP2 gathers the shards); rank 0 alone writes."""
-    weights, optimizer_state = distributed.full_states(policy.model, optimizer)
-    if not distributed.is_main():
-        return
-    name = f"ckpt-{state['iteration']:06d}"
-    folder = os.path.join(out, name)
-    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
-    distributed.save_pretrained(policy.model, folder, weights)  # safetensors: the LoRA adapter, or the whole model
-    processor.save_pretrained(folder)
-    torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
-    write_json_atomic(os.path.join(folder, "state.json"), state)  # last: its presence marks a whole folder
-    _, problem = checkpoint_problem(folder)
-    if problem:
-        sys.exit(f"error: the checkpoint just written, {folder}, does not read back ({problem}); "
-                 "the previous one is kept: free some disk space and rerun to resume")
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    older = [n for k, n in checkpoint_folders(out) if k < state["iteration"]]
-    previous = next((n for n in older if checkpoint_problem(os.path.join(out, n))[1] is None), None)
-    for _, other in checkpoint_folders(out):  # older ones, damaged ones, empty leftovers of a kill
-        if other not in (name, previous):
-            shutil.rmtree(os.path.join(out, other), ignore_errors=True)
-
-
 def fresh_state(cfg, baselines):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
             "baselines": baselines, "world_size": distributed.world_size()}
-
-
-def clue_iterations_logged(path, last_iteration):
-    """How many clue iterations metrics.jsonl records up to last_iteration: the role baselines'
-    update count of a checkpoint written before the count was kept (one update per clue iteration)."""
-    if not os.path.exists(path):
-        return 0
-    return sum(1 for m in jsonl.read_jsonl(path) if m.get("stage") == "clue"
-               and isinstance(m.get("iteration"), int) and m["iteration"] <= last_iteration)
-
-
-def trim_log(path, last_iteration):
-    """Keep the metric lines of iterations up to the checkpoint's: drops those logged after it (a
-    crash between log and save) and a line cut short by a kill while it was written."""
-    if not os.path.exists(path):
-        return
-    rows = [row for row in jsonl.read_jsonl(path)
-            if isinstance(row.get("iteration"), int) and row["iteration"] <= last_iteration]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
 
 
 def batch_pairs(pairs, iteration, cfg):
@@ -516,14 +352,14 @@ def main(stage, clue_stage, decision_stage):
     distributed.check_split(cfg)
     cfg.device = distributed.device(cfg.device)
     os.makedirs(os.path.join(cfg.out, "games"), exist_ok=True)
-    checkpoint, state, note = resume_point(cfg.out)
+    checkpoint, state, note = checkpoints.resume_point(cfg.out)
     if note and distributed.is_main():
         print(note)
     state = state or fresh_state(cfg, clue_stage.initial_baselines())
     if checkpoint:
         distributed.check_resume(state.get("world_size", 1), cfg.out)
         if "updates" not in state["baselines"]:  # a checkpoint from before the RAE bias correction
-            state["baselines"]["updates"] = clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
+            state["baselines"]["updates"] = checkpoints.clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
                                                                    state["iteration"])
     if state["iteration"] >= cfg.iterations:
         if distributed.is_main():
@@ -539,8 +375,8 @@ def main(stage, clue_stage, decision_stage):
     resolved = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(cfg).items()}
     if distributed.is_main():
         print(f"{stage} stage, config: {json.dumps(resolved)}")
-        write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
-        trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
+        checkpoints.write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
+        checkpoints.trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
     torch.manual_seed(cfg.seed)  # the LoRA init of a fresh run
     policy, processor = build_policy(cfg, checkpoint)
     reference = reference_policy(policy, cfg) if cfg.kl > 0 else None  # no reference pass when the KL term is off
@@ -609,7 +445,7 @@ def main(stage, clue_stage, decision_stage):
             state["stage"], state["dwell"] = following, 0
         finished = following != stage or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
-            save_checkpoint(cfg.out, policy, processor, optimizer, state)
+            checkpoints.save_checkpoint(cfg.out, policy, processor, optimizer, state)
         if step["skipped_update"] and distributed.is_main():
             tqdm.write(f"iteration {iteration}: non-finite loss or gradient, update skipped")
         bar.update(1)

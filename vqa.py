@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import selfplay
+import checkpoints
 import trainer
 
 MIN_VISIBLE_PIXELS = 150  # make_games.py's default --min-visible: every object of a clevr scene has it
@@ -310,7 +311,7 @@ def models_to_score(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         return {"model": (selfplay.Policy(selfplay.load_model(args.model, device, dtype).eval()), args.model)}, processor
-    cfg, checkpoint = trainer.load_run_config(args.out), trainer.resume_point(args.out)[0]
+    cfg, checkpoint = checkpoints.load_run_config(args.out), checkpoints.resume_point(args.out)[0]
     if cfg is None or checkpoint is None:
         sys.exit(f"error: {args.out} is not a trained run (no config.json or no checkpoint); "
                  "train it first, or give --model to score one model")
@@ -330,7 +331,7 @@ def main():
     args = p.parse_args()
     if args.batch < 1 or args.max_new_tokens < 1 or (args.max_questions is not None and args.max_questions < 1):
         p.error("--batch, --max-new-tokens and --max-questions must be at least 1")
-    if not args.model and trainer.load_run_config(args.out) is None:
+    if not args.model and checkpoints.load_run_config(args.out) is None:
         sys.exit(f"error: {args.out} is not a run folder (no config.json); give a run's --out, or --model to score one model")
 
     pairs = selfplay.read_pairs(args.data, "eval")
@@ -359,7 +360,7 @@ def main():
     result = {"data": args.data, "seed": args.seed, "decoding": "greedy", "max_new_tokens": args.max_new_tokens,
               "held_out_pairs": len(pairs), "skipped_pairs": skipped,
               "models": {name: where for name, (_, where) in models.items()}, **summary(questions, answers)}
-    trainer.write_json_atomic(os.path.join(args.out, "vqa.json"), result)
+    checkpoints.write_json_atomic(os.path.join(args.out, "vqa.json"), result)
     overall = result["overall"]
     scores = ", ".join(f"{name} {overall[name]['accuracy']:.3f} ± {overall[name]['se']:.3f}" for name in models)
     print(f"vqa: {len(questions)} questions from {len(pairs) - skipped} held-out pairs: {scores}; "
