@@ -53,7 +53,6 @@ elif [ -n "${QUICK:-}" ]; then
   ITERATIONS=${ITERATIONS:-12}
   GAMES=${GAMES:-4}
   EVAL_GAMES=${EVAL_GAMES:-8}
-  VQA_TOKENS=${VQA_TOKENS:-16}
   # short turns and quick switches, so that a minute visits both stages
   SETTINGS=(--lora-rank "${LORA_RANK:-0}" --max-new-tokens 24 --samples 4 --k-min 2 --patience 3 --lr 1e-4)
   if [ "$MODEL" = tiny-vlm ] && [ ! -f tiny-vlm/config.json ]; then
@@ -83,6 +82,7 @@ else
   fi
 fi
 SCHEDULE=${SCHEDULE:-iterative}
+VQA_TOKENS=${VQA_TOKENS:-16}  # longest answer of vqa.py (the GPU branch allows 64)
 GPUS=${GPUS:-1}  # processes on this node: data parallel over torchrun (DDP for LoRA, FSDP2 for --lora-rank 0)
 if [ "$GPUS" -gt 1 ]; then LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); else LAUNCH=("$PYTHON"); fi
 
