@@ -127,12 +127,12 @@ def worker(rank, world, port, model_dir, pairs_dir, out, lora_rank, split):
     sgd = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=1.0)
     result = trainer.train_step(policy, reference, sgd, processor, turns[mine], FORCED_ADVANTAGES[mine], cfg, lr=1.0)
     weights["sgd"] = trainable(policy.model)
-    checkpoints.save_checkpoint(os.path.join(out, "sgd"), policy, processor, sgd, {"iteration": 1})
+    checkpoints.save_checkpoint(os.path.join(out, "sgd"), policy, processor, sgd, {"iteration": 1, "stage": "decision"})
     adam = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         trainer.train_step(policy, reference, adam, processor, turns[mine], FORCED_ADVANTAGES[mine], cfg, lr=1e-2)
     weights["end"] = trainable(policy.model)
-    checkpoints.save_checkpoint(out, policy, processor, adam, {"iteration": 3})
+    checkpoints.save_checkpoint(out, policy, processor, adam, {"iteration": 3, "stage": "decision"})
     if lora_rank:  # DDP: every rank holds the whole adapter
         torch.save({"weights": weights, "result": result}, os.path.join(out, f"rank{rank}.pt"))
     distributed.finish()
