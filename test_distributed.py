@@ -216,7 +216,7 @@ def played(out, iteration):
 def test_run_sh_with_two_processes_plays_the_one_process_games(tiny_model, pairs_dir, tmp_path):
     """GPUS=2 run.sh: both stages, one metrics row per iteration, --games games per iteration (3
     games: shares of 1 and 2), the same pairs and spy seats as a one-process run."""
-    env = {"MODEL": tiny_model, "DATA": pairs_dir, "GAMES": "3", "EVAL_GAMES": "2", "ITERATIONS": "3",
+    env = {"QUICK": "1", "MODEL": tiny_model, "DATA": pairs_dir, "GAMES": "3", "EVAL_GAMES": "2", "ITERATIONS": "3",
            "EXTRA": "--max-new-tokens 6 --k-min 1 --patience 2 --samples 4 --lora-rank 4"}
     for gpus in ("1", "2"):
         result = run(["bash", "run.sh"], {**env, "GPUS": gpus, "OUT": str(tmp_path / gpus)})
