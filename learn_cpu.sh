@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
 # trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured: yes, in the blank-spy game; Iterative-SPO
-# gained 27-45 points of judge accuracy in each of 3 seeds (docs/learn_cpu.md).
+# gained 32-65 points of judge accuracy in each of 3 seeds (docs/learn_cpu.md).
 #
 #   bash learn_cpu.sh                                  # everything below, one command
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only

@@ -6,8 +6,8 @@ The full measurement is `bash learn_cpu.sh` (docs/learn_cpu.md). This is its sma
 small pictures, a 400-step warm start with the clue and vote formats only (generator labels, no
 spy labels: warm_start.py), then 25 decision-stage iterations of the unchanged rlvr.py in the
 blank-spy game, then evaluate.py on held-out pairs. Every step goes through the project's scripts
-as a user runs them. Seeded, one thread: the same machine gives the same numbers (measured
-twice: 0.570 against 0.2225).
+as a user runs them. Seeded, one thread: the same machine gives the same numbers (measured:
+0.884 against 0.2225; `bash run.sh`'s CPU default retraces its first 20 iterations).
 """
 import json
 import math
