@@ -13,7 +13,9 @@ Writes OUT/eval.json: games, win_rate (of the trained model; 0.5 = no better tha
 the win rate on each side, the decision accuracy and N/A rate of each model when it decides.
 The games the trained model decided are then played once more by the initial model on both
 sides: decision_acc_baseline is the start's accuracy in exactly those games (pairs and spy
-seats), so decision_acc - decision_acc_baseline is what training changed.
+seats), so decision_acc - decision_acc_baseline is what training changed. In the cells game with
+the edited picture, decision_acc_colour_check is the ceiling of those same games: the accuracy of a
+judge that checks each clue's colour words against its picture (colour_check_accuracy).
 """
 import argparse
 import json
@@ -27,6 +29,22 @@ from tqdm import tqdm
 import selfplay
 import checkpoints
 import trainer
+from make_games import CELL_COLOURS, cells_colours
+
+
+def colour_check_accuracy(games, n_players):
+    """Expected accuracy of a judge that checks every clue against its picture (the original): it
+    names a seat whose clues name a colour its picture lacks, at random among such seats, or any
+    seat at random when no clue is false. The most a judge can reach from what it sees and hears
+    in the cells game; it misses when the spy only names colours its edited picture shares with
+    the original (the spy's copy keeps one of its three squares)."""
+    right = 0.0
+    for game in games:
+        present = set(cells_colours(game.pair)[0])
+        false = {c.seat for c in game.clues for colour in CELL_COLOURS
+                 if colour not in present and f" {colour} " in f" {c.parsed or ''} "}
+        right += (game.spy in false) / len(false) if false else 1 / n_players
+    return right / len(games)
 
 
 def main():
@@ -87,6 +105,8 @@ def main():
         "na_rate": trained_stats["na"], "na_rate_reference": reference_stats["na"],
         "invalid_vote_rate": trained_stats["invalid_vote_rate"],
         "decision_acc_baseline": selfplay.decision_stats(replayed)["acc"],
+        "decision_acc_colour_check": colour_check_accuracy(as_civilians, cfg.players)
+        if cfg.spy_image == "modified" and all(g.domain == "cells" for g in games) else None,
         "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
         "seed": args.seed,
     }

@@ -1,51 +1,65 @@
 #!/usr/bin/env bash
 # Can a tiny Qwen2.5-VL learn "Who is the spy?" on a CPU, trained by the same rlvr.py / spo.py /
-# trainer.py (via run.sh) that train Qwen2.5-VL-7B? Measured: yes, in the blank-spy game; Iterative-SPO
-# gained 32-65 points of judge accuracy in each of 3 seeds (docs/learn_cpu.md).
+# trainer.py (via run.sh) that train Qwen2.5-VL-7B? (docs/learn_cpu.md has the measured answers.)
 #
-#   bash learn_cpu.sh                                  # everything below, one command
+#   bash learn_cpu.sh                                  # the edited-picture game, everything below
+#   GAME=blank bash learn_cpu.sh                       # the blank-spy game instead
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
 #
-# 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens)
-# 2. 2,000 cells pairs (make_games.py --domain cells): squares on a grid; the spy sees an empty
-#    picture (--spy-image blank, the paper's v2 game)
-# 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once)
+# 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens;
+#    SIZE=56: 56x56 images = 4 visual tokens)
+# 2. 2,000 cells pairs (make_games.py --domain cells): three squares on a grid; the spy sees the
+#    copy with two squares recoloured (GAME=modified, the paper's game) or an empty picture
+#    (GAME=blank, the v2 paper's game)
+# 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once). For
+#    the edited-picture game it must answer held-out "is there a red square?" questions at 90%
+#    before any RL starts (--require-attribute 0.9)
 # 4. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
-#    evaluate.py (trained vs the frozen warm start on held-out pairs, and the warm start alone in
-#    the same games: the baseline) and report.py
+#    evaluate.py (trained vs the frozen warm start on held-out pairs, the warm start alone in the
+#    same games: the baseline, and the colour-checking judge's ceiling) and report.py
 # 5. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
 # Every step is skipped when its output exists, so a rerun continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=${OUT:-runs/learn-cpu}
-DATA=${DATA:-games/cells}
+GAME=${GAME:-modified}
+case "$GAME" in
+  # the list task first: without it the tiny model never binds a colour word to its picture
+  modified) WARM_FLAGS=(--steps "${WARM_STEPS:-2000}" --list-steps 600 --mix 0,0.1,0.1,0.6,0.2 --require-attribute 0.9)
+            DEFAULT_OUT=runs/learn-cpu ;;
+  # describe, clue, vote and yes/no; the blank spy's tell needs no seeing
+  blank) WARM_FLAGS=(--steps "${WARM_STEPS:-1500}" --list-steps 0 --mix 0.6,0.2,0.1,0.1,0)
+         DEFAULT_OUT=runs/learn-cpu-blank ;;
+  *) echo "error: GAME must be modified or blank, not '$GAME'" >&2; exit 2 ;;
+esac
+SIZE=${SIZE:-112}  # picture side: 112 (16 visual tokens, one per square) or 56 (4 visual tokens)
+OUT=${OUT:-$DEFAULT_OUT$([ "$SIZE" = 112 ] || echo "-$SIZE")}
+DATA=${DATA:-games/cells$([ "$SIZE" = 112 ] || echo "$SIZE")}
 ITERATIONS=${ITERATIONS:-40}
 SEEDS=${SEEDS:-"0 1 2"}
 SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
-WARM_STEPS=${WARM_STEPS:-1500}
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
-# short turns (a clue is "\boxed{a red square}", a vote "The spy is \boxed{3}"), the blank spy,
-# LoRA rank 16 (full fine-tuning turned votes and clues into each other's words within ~15
-# iterations), 16 games x 8 judge samples in 8 optimiser steps of 2 games per iteration at a
-# peak lr of 1e-3 (4 steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for
-# the same progress), the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3
+# short turns (a clue is "\boxed{a red square}", a vote "The spy is \boxed{3}"), LoRA rank 16
+# (full fine-tuning turned votes and clues into each other's words within ~15 iterations), 16
+# games x 8 judge samples in 8 optimiser steps of 2 games per iteration at a peak lr of 1e-3 (4
+# steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for the same progress),
+# the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3 blank-game
 # Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
-RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image blank"
+RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
   "$PYTHON" make_tiny_model.py --out "$OUT/tiny-vlm" --hidden 192 --layers 3 --heads 4 --vision-hidden 96 \
-    --vision-depth 3 --vocab-size 768 --min-pixels 12544 --max-pixels 12544
+    --vision-depth 3 --vocab-size 768 --min-pixels $((SIZE * SIZE)) --max-pixels $((SIZE * SIZE))
 fi
 if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
-  "$PYTHON" make_games.py --domain cells --n 2000 --out "$DATA"
+  "$PYTHON" make_games.py --domain cells --size "${SIZE}x$SIZE" --n 2000 --out "$DATA"
 fi
-"$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" --steps "$WARM_STEPS" \
-  --threads "$THREADS" --spy-image blank
+"$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" "${WARM_FLAGS[@]}" \
+  --threads "$THREADS" --spy-image "$GAME"
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
@@ -76,6 +90,10 @@ base = statistics.mean(e["decision_acc_baseline"] for e in every)  # the warm st
 rows = ["| schedule | runs | held-out decision accuracy | gain over the warm start | win rate vs warm start | as civilians / as spy |",
         "|---|---|---|---|---|---|",
         f"| warm start (replaying the same games) | {len(every)} | {base:.3f} | | 0.5 | |"]
+ceilings = [e["decision_acc_colour_check"] for e in every if e.get("decision_acc_colour_check") is not None]
+if ceilings:  # the edited-picture game: what checking each clue's colour against the picture gives
+    rows.append(f"| a judge checking every clue's colours (ceiling, same games) | {len(ceilings)} | "
+                f"{statistics.mean(ceilings):.3f} | | | |")
 def cell(evals, value):  # mean, and the spread over seeds when there are several
     values = [value(e) for e in evals]
     spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""

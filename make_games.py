@@ -203,6 +203,16 @@ def make_cells_pair(rng, index, args):
     return original, modified, source, changes
 
 
+def cells_colours(pair):
+    """Colours of the squares in the original and in the modified picture of a cells pair, from its
+    pairs.jsonl record."""
+    original = [o["colour"] for o in pair["source"]["objects"]]
+    modified = list(original)
+    for change in pair["changes"]:
+        modified[int(change["what"].split()[-1])] = change["after"]["colour"]
+    return original, modified
+
+
 # -----------------------------------------------------------------------------
 # chart: matplotlib bar / grouped bar / line / pie charts; two values swap places
 
@@ -554,11 +564,14 @@ def parse_args(argv):
     parser.add_argument("--n", type=int, help="number of pairs (default with --src: one per photo; --pairs: all)")
     parser.add_argument("--out", required=True, help="output folder; existing files of the same name are overwritten")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed and flags give the same bytes")
-    parser.add_argument("--size", help="WxH of clevr and chart images (default 480x320) and cells images (default 112x112)")
+    parser.add_argument("--size", help="WxH of clevr and chart images (default 480x320) and cells images (default 112x112; "
+                                       "56x56 for a model that sees 4 visual tokens)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes to use (default: every core)")
     parser.add_argument("--tries", type=int, default=20, help="attempts per pair before it is skipped")
     parser.add_argument("--min-change", type=float, default=0.003, help="least fraction of pixels that must change")
-    parser.add_argument("--max-change", type=float, default=0.25, help="largest fraction of pixels that may change")
+    parser.add_argument("--max-change", type=float,
+                        help="largest fraction of pixels that may change (default 0.25; cells 0.5: two of three "
+                             "squares of a 56x56 picture are 26%%)")
     parser.add_argument("--pixel-threshold", type=int, default=16,
                         help="a pixel has changed if a channel differs by more than this (0-255)")
     parser.add_argument("--min-objects", type=int, help="clevr/cells: fewest objects in a scene (default 4 / 3)")
@@ -576,11 +589,13 @@ def parse_args(argv):
     args.size = args.size or ("112x112" if cells else "480x320")
     args.min_objects = (3 if cells else 4) if args.min_objects is None else args.min_objects
     args.max_objects = (3 if cells else 6) if args.max_objects is None else args.max_objects
+    args.max_change = (0.5 if cells else 0.25) if args.max_change is None else args.max_change
+    smallest = CELL_SIZE if cells else MIN_SIDE  # a cells picture is a grid of 28-px cells
     try:
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
-        assert len(args.size) == 2 and min(args.size) >= MIN_SIDE
+        assert len(args.size) == 2 and min(args.size) >= smallest
     except (ValueError, AssertionError):
-        die(f"--size {args.size!r} is not WxH with both sides at least {MIN_SIDE}, e.g. --size 480x320")
+        die(f"--size {args.size!r} is not WxH with both sides at least {smallest}, e.g. --size 480x320")
     if args.n is not None and args.n <= 0:
         die(f"--n {args.n}: the number of pairs must be at least 1")
     if args.workers < 1 or args.tries < 1 or args.long_side < MIN_SIDE:

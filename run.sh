@@ -95,7 +95,7 @@ if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made)
 fi
 if [ -n "$WARM_FROM" ]; then  # a few minutes, once: the clue and vote formats from the generator's labels
   "$PYTHON" warm_start.py --model "$WARM_FROM" --data "$DATA" --out "$MODEL" --steps 400 --warmup 30 \
-    --mix 0,0.5,0.5,0 --rounds 1 --spy-image blank --threads "$OMP_NUM_THREADS"
+    --mix 0,0.5,0.5,0,0 --list-steps 0 --rounds 1 --spy-image blank --threads "$OMP_NUM_THREADS"
 fi
 
 ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --games "$GAMES"

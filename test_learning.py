@@ -35,7 +35,7 @@ def test_the_decision_stage_makes_the_judge_find_the_spy(tmp_path):
         "--min-pixels", str(28 * 28), "--max-pixels", str(56 * 56))
     run("make_games.py", "--domain", "cells", "--n", "300", "--out", games, "--workers", "1")
     run("warm_start.py", "--model", model, "--data", games, "--out", warm, "--steps", "400", "--warmup", "30",
-        "--mix", "0,0.5,0.5,0", "--rounds", "1", "--spy-image", "blank", "--threads", "1")
+        "--mix", "0,0.5,0.5,0,0", "--list-steps", "0", "--rounds", "1", "--spy-image", "blank", "--threads", "1")
     run("rlvr.py", "--model", warm, "--data", games, "--out", out, "--schedule", "decision", "--iterations", "25",
         "--games", "16", "--samples", "8", "--rounds", "1", "--max-new-tokens", "8", "--lr", "1e-3",
         "--minibatches", "8", "--kl", "0.04", "--lora-rank", "16", "--micro-batch", "32", "--spy-image", "blank")

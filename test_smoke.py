@@ -488,3 +488,28 @@ def test_run_sh_visits_both_stages_and_resumes(tiny_model, pairs_dir, tmp_path):
     assert result["games"] == 2 and 0 <= result["win_rate"] <= 1 and 0 <= result["decision_acc_baseline"] <= 1
     third = run(["bash", "run.sh"], {**env, "ITERATIONS": "5"})  # nothing left to do
     assert third.returncode == 0 and len(open(out / "metrics.jsonl").readlines()) == 5
+
+
+def test_colour_check_ceiling_by_hand():
+    """evaluate.colour_check_accuracy: the judge sees the original (red green blue). Game 1: only
+    the spy names a missing colour -> right. Game 2: the spy and a civilian's garbled clue name
+    missing colours -> 1/2. Game 3: the spy names only a shared colour -> a guess among 4 seats.
+    Game 4: a civilian alone names a missing colour -> wrong. Colour words count only whole."""
+    import evaluate
+    pair = {"source": {"objects": [{"colour": c} for c in ("red", "green", "blue")]},
+            "changes": [{"what": "object 0", "after": {"colour": "purple"}}]}
+
+    def game(spy, clues):
+        g = selfplay.Game(pair=pair, spy=spy)
+        g.clues = [selfplay.Turn(seat, 0, "", None, parsed=clue) for seat, clue in enumerate(clues)]
+        return g
+
+    games = [game(1, ["a red square", "a purple square", "a blue square", "a green square"]),
+             game(2, ["a red square", "a gray square", "purple", "a redder brownish square"]),
+             game(0, ["a blue square", "a red square", None, "a green square"]),
+             game(3, ["a yellow square", "a red square", "a blue square", "a green square"])]
+    assert evaluate.colour_check_accuracy(games[:1], 4) == 1.0
+    assert evaluate.colour_check_accuracy(games[1:2], 4) == 0.5
+    assert evaluate.colour_check_accuracy(games[2:3], 4) == 0.25
+    assert evaluate.colour_check_accuracy(games[3:], 4) == 0.0
+    assert evaluate.colour_check_accuracy(games, 4) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)

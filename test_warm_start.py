@@ -18,6 +18,18 @@ import make_games
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def test_56_px_cells_pairs_fill_a_2x2_grid():
+    """The 4-visual-token domain: 56x56 pictures, three squares in a 2x2 grid, two recoloured."""
+    args = make_games.parse_args(["--domain", "cells", "--size", "56x56", "--n", "1", "--out", "unused"])
+    assert args.size == (56, 56) and args.max_change == 0.5  # two of three squares are 26% of the pixels
+    for seed in range(10):
+        original, modified, source, changes = make_games.make_cells_pair(np.random.default_rng(seed), 0, args)
+        assert original.shape == (56, 56, 3) and len(changes) == 2
+        assert all(0 <= r < 2 and 0 <= c < 2 for r, c in (o["cell"] for o in source["objects"]))
+        before, after = make_games.cells_colours({"source": source, "changes": changes})
+        assert sum(a != b for a, b in zip(before, after)) == 2 and not set(after) - set(before) & set(before)
+
+
 def test_cells_pairs_line_up_with_visual_tokens_and_change_to_new_colours():
     args = make_games.parse_args(["--domain", "cells", "--n", "1", "--out", "unused"])
     assert args.size == (112, 112) and args.min_objects == args.max_objects == 3
@@ -48,7 +60,7 @@ def cells_dir(tmp_path_factory):
 
 def warm_start(model, data, out):
     return subprocess.run([sys.executable, "warm_start.py", "--model", model, "--data", data, "--out", out,
-                           "--steps", "4", "--batch", "4", "--game-batch", "2", "--warmup", "2", "--threads", "1"],
+                           "--steps", "4", "--list-steps", "2", "--batch", "4", "--game-batch", "2", "--warmup", "2", "--threads", "1"],
                           cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
@@ -101,3 +113,53 @@ def test_warm_start_examples_of_the_blank_spy_game(cells_dir):
         else:
             assert not blank and warm_start.EMPTY not in said
         assert {v for v in votes} == {"The spy is \\boxed{%d}" % seat for seat in range(1, 5)}
+
+
+def test_list_and_yes_no_examples_come_from_the_picture_they_show(cells_dir):
+    """The list target is the shown picture's colours, sorted; the held-out yes/no questions are
+    exactly balanced and each answer is true of the picture it is asked about."""
+    import random
+    from types import SimpleNamespace
+    import selfplay
+    import warm_start
+    pairs = selfplay.read_pairs(cells_dir, "train")
+    images = [(selfplay.load_image(p["original"]), selfplay.load_image(p["modified"])) for p in pairs]
+    rng, cfg = random.Random(0), SimpleNamespace(players=4, rounds=2, spy_image="modified", seed=0)
+
+    def colours_of(image):  # the square colours actually painted in the picture
+        painted = {rgb for _, rgb in image.getcolors()}
+        return sorted(name for name, rgb in make_games.CELL_COLOURS.items() if rgb in painted)
+
+    shown = set()
+    for k in range(200):
+        prompt, image, target = warm_start.example(pairs[k % len(pairs)], images[k % len(pairs)], "list", rng, cfg)
+        assert prompt == warm_start.LIST_PROMPT and target == "\\boxed{%s}" % " ".join(colours_of(image))
+        shown.add(image is images[k % len(pairs)][1])
+        question = warm_start.attribute_question(colours_of(image), image, k % 2 == 0, rng)
+        asked = question[0].split("Is there a ")[1].split(" square")[0]
+        assert question[2] == ("\\boxed{yes}" if asked in colours_of(image) else "\\boxed{no}")
+        assert (asked in colours_of(image)) == (k % 2 == 0)
+    assert shown == {True, False}  # original and modified pictures both
+
+
+def test_require_attribute_fails_in_one_line_and_keeps_the_model(tiny_model, cells_dir, tmp_path):
+    """A random model answers yes/no at chance: --require-attribute 0.9 fails, says what to do, and
+    keeps the model and its held-out numbers (a rerun fails the same way without training)."""
+    args = ["warm_start.py", "--model", tiny_model, "--data", cells_dir, "--out", str(tmp_path / "w"), "--steps", "2",
+            "--list-steps", "1", "--batch", "2", "--game-batch", "2", "--warmup", "1", "--threads", "1",
+            "--require-attribute", "0.9"]
+    for _ in range(2):
+        result = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "below --require-attribute 0.9; delete it and train longer" in result.stderr.strip().splitlines()[-1]
+    report = json.load(open(tmp_path / "w" / "warm_start.json"))
+    assert [step for step, _ in report["attribute_curve"]] == [0, 2] and report["attribute_accuracy"] == 0.5
+    assert report["list_accuracy"] == 0.0 and os.path.exists(tmp_path / "w" / "config.json")
+
+
+@pytest.mark.parametrize("mix", ["0.6,0.2,0.1,0.1", "a,b,c,d,e", "0,0,0,0,0", "1,1,1,1,-1"])
+def test_bad_mix_is_one_clear_line(tiny_model, cells_dir, tmp_path, mix):
+    result = subprocess.run([sys.executable, "warm_start.py", "--model", tiny_model, "--data", cells_dir,
+                             "--out", str(tmp_path / "w"), "--mix", mix], cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 2 and "--mix needs five non-negative shares" in result.stderr
+    assert "Traceback" not in result.stderr
