@@ -29,7 +29,7 @@ from tqdm import tqdm
 import selfplay
 import checkpoints
 import trainer
-from make_games import CELL_COLOURS, cells_colours
+from make_games import cells_colours, colours_named
 
 
 def colour_check_accuracy(games, n_players):
@@ -41,8 +41,7 @@ def colour_check_accuracy(games, n_players):
     right = 0.0
     for game in games:
         present = set(cells_colours(game.pair)[0])
-        false = {c.seat for c in game.clues for colour in CELL_COLOURS
-                 if colour not in present and f" {colour} " in f" {c.parsed or ''} "}
+        false = {c.seat for c in game.clues if colours_named(c.parsed) - present}
         right += (game.spy in false) / len(false) if false else 1 / n_players
     return right / len(games)
 

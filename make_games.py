@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -201,6 +202,11 @@ def make_cells_pair(rng, index, args):
     changes = [{"what": f"object {i}", "before": record(i, colours[i]), "after": record(i, new_colours[i]),
                 "bbox": record(i, colours[i])["bbox"]} for i in changed]
     return original, modified, source, changes
+
+
+def colours_named(text):
+    """The cells colours a text names as whole words ("a red square" -> {"red"}; "reddish" -> none)."""
+    return {c for c in CELL_COLOURS if re.search(rf"\b{c}\b", text or "")}
 
 
 def cells_colours(pair):
