@@ -34,11 +34,11 @@ There is no label of who the spy is and no "which clue does not fit" task: findi
 choosing clues are left to the game's rewards (rlvr.py, spo.py). Only training pairs are used
 (selfplay.read_pairs(..., "train")), so the held-out pairs of evaluate.py stay unseen.
 
-    python make_tiny_model.py --out runs/learn-cpu/tiny-vlm --hidden 192 --layers 3 --heads 4 \\
+    python make_tiny_model.py --out runs/learn-cpu-modified/tiny-vlm --hidden 192 --layers 3 --heads 4 \\
         --vision-hidden 96 --vision-depth 3 --vocab-size 768 --min-pixels 12544 --max-pixels 12544
     python make_games.py --domain cells --n 2000 --out games/cells
-    python warm_start.py --model runs/learn-cpu/tiny-vlm --data games/cells --out runs/learn-cpu/warm-start \\
-        --require-attribute 0.9
+    python warm_start.py --model runs/learn-cpu-modified/tiny-vlm --data games/cells \\
+        --out runs/learn-cpu-modified/warm-start --require-attribute 0.9
 
 The result is a normal model folder (save_pretrained + processor), written to a temporary folder
 and renamed, so it exists whole or not at all; if --out already holds a model this script does
