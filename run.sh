@@ -59,8 +59,10 @@ elif [ -n "${QUICK:-}" ]; then
     "$PYTHON" make_tiny_model.py --out tiny-vlm
   fi
 else
-  echo "No CUDA GPU: Iterative-SPO on the CPU in the blank-spy game (docs/learn_cpu.md), by default a 1.6M-parameter"
-  echo "Qwen2.5-VL warm-started once: about 12 minutes of one core. QUICK=1 bash run.sh is a 1-minute demo of the loop."
+  if [ -z "${MODEL:-}" ]; then
+    echo "No CUDA GPU: Iterative-SPO on the CPU in the blank-spy game (docs/learn_cpu.md), by default a 1.6M-parameter"
+    echo "Qwen2.5-VL warm-started once: about 12 minutes of one core. QUICK=1 bash run.sh is a 1-minute demo of the loop."
+  fi
   # one thread: faster than two for a model this small, and the same arithmetic on every machine,
   # so that the default run retraces test_learning.py's measured one
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
