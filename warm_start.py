@@ -139,10 +139,8 @@ def target_logprob(model, processor, turns):
     return (selfplay.token_logprobs(model, inputs, ids) * mask).sum(-1), mask
 
 
-@torch.no_grad()
-def attribute_accuracy(model, processor, pairs, images, eos, seed, n=400):
-    """Held-out yes/no accuracy on n balanced questions (half the colours present): is \\boxed{yes}
-    or \\boxed{no} the more likely answer? The same questions every time it is called."""
+def held_out_questions(pairs, images, seed, n=400):
+    """n balanced yes/no questions (half the colours present) about held-out pictures, built once."""
     rng = random.Random(seed + 1)
     questions = []
     for i in range(n):
@@ -150,15 +148,21 @@ def attribute_accuracy(model, processor, pairs, images, eos, seed, n=400):
         original, modified = cells_colours(pairs[k])
         colours, image = either_picture(original, modified, images[k], rng)
         questions.append(attribute_question(colours, image, i % 2 == 0, rng))
+    return questions
+
+
+@torch.no_grad()
+def attribute_accuracy(model, processor, questions, eos):
+    """Held-out yes/no accuracy: is \\boxed{yes} or \\boxed{no} the more likely answer?"""
     model.eval()
     right = 0
-    for start in range(0, n, 32):
+    for start in range(0, len(questions), 32):
         batch = questions[start:start + 32]
         lp_yes, _ = target_logprob(model, processor, make_turns([(p, im, "\\boxed{yes}") for p, im, _ in batch], processor, eos))
         lp_no, _ = target_logprob(model, processor, make_turns([(p, im, "\\boxed{no}") for p, im, _ in batch], processor, eos))
         right += sum((y > n_) == (answer == "\\boxed{yes}") for (_, _, answer), y, n_ in zip(batch, lp_yes.tolist(), lp_no.tolist()))
     model.train()
-    return right / n
+    return right / len(questions)
 
 
 @torch.no_grad()
@@ -246,8 +250,10 @@ def main():
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
+    questions = held_out_questions(held_out, held_images, args.seed)
+
     def check_attribute(step):  # held-out yes/no accuracy, kept for the curve
-        curve.append([step, attribute_accuracy(model, processor, held_out, held_images, eos, args.seed)])
+        curve.append([step, attribute_accuracy(model, processor, questions, eos)])
         print(f"step {step}: held-out yes/no accuracy {curve[-1][1]:.3f} (chance 0.5)", flush=True)
 
     print(f"warm start: {len(pairs)} training pairs, {args.list_steps} list steps, then {args.steps - args.list_steps} "
