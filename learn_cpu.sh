@@ -31,8 +31,8 @@ case "$GAME" in
   # the list task first: without it the tiny model never binds a colour word to its picture
   # (measured: 600 + 1,400 steps at 112 px, 400 + 1,100 at 56 px reach 1.000); 100 iterations
   # are the 30 minutes of RL the target allows
-  modified) if [ "$SIZE" = 56 ]; then LIST=(1500 400); else LIST=(2000 600); fi
-            WARM_FLAGS=(--steps "${WARM_STEPS:-${LIST[0]}}" --list-steps "${LIST[1]}" --mix 0,0.1,0.1,0.6,0.2
+  modified) if [ "$SIZE" = 56 ]; then WARM=(1500 400); else WARM=(2000 600); fi  # steps in all, list steps
+            WARM_FLAGS=(--steps "${WARM_STEPS:-${WARM[0]}}" --list-steps "${WARM[1]}" --mix 0,0.1,0.1,0.6,0.2
                         --require-attribute 0.9)
             DEFAULT_OUT=runs/learn-cpu-modified DEFAULT_ITERATIONS=100 ;;
   *) echo "error: GAME must be blank or modified, not '$GAME'" >&2; exit 2 ;;
