@@ -101,6 +101,8 @@ def test_decision_reward_and_group_advantages():
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 4)
     assert rlvr.group_advantages(rewards) == pytest.approx([(r - mean) / (std + 1e-8) for r in rewards])
     assert rlvr.group_advantages([-1.0] * 8) == [0.0] * 8
+    # equal shaped rewards whose float mean is not exactly each of them: still exact zeros
+    assert sum([0.1] * 3) / 3 != 0.1 and rlvr.group_advantages([0.1] * 3) == [0.0] * 3
 
 
 @pytest.mark.parametrize("text, parsed, reward", [
