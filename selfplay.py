@@ -474,7 +474,16 @@ def plain_generation_config(model):
     model.generation_config = GenerationConfig(bos_token_id=checkpoint.bos_token_id,
                                                eos_token_id=checkpoint.eos_token_id,
                                                pad_token_id=checkpoint.pad_token_id)
+    model.checkpoint_generation_config = checkpoint  # what a saved model folder must keep: write_generation_config
     return model
+
+
+def write_generation_config(model, folder):
+    """Put back the decoding defaults of the checkpoint a model was loaded from (e.g. Qwen2.5-VL-7B-
+    Instruct's repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1) into a model folder
+    that save_pretrained wrote with the stripped generation_config of plain_generation_config: an
+    export or a full checkpoint then decodes, in vLLM or generate(), as the initial model does."""
+    getattr(model, "checkpoint_generation_config", model.generation_config).save_pretrained(folder)
 
 
 def generate(policy, processor, turns, cfg):
