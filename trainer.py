@@ -224,6 +224,10 @@ def build_policy(cfg, checkpoint=None):
         model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks every input embedding, the vision tower's patch embedding too, to
+        # output a tensor that requires grad: with LoRA every pass then recomputed and back-propagated
+        # the whole frozen vision tower for nothing. Non-reentrant checkpointing needs no such input.
+        model.disable_input_require_grads()
     return selfplay.Policy(distributed.wrap(model, cfg).eval(), autocast=autocast), processor
 
 
