@@ -241,6 +241,23 @@ def reference_policy(policy, cfg):
     return selfplay.Policy(distributed.wrap_reference(frozen, cfg), autocast=policy.autocast)
 
 
+def evaluation_policies(cfg, checkpoint):
+    """(trained, initial, processor) for evaluate.py and vqa.py: both models in the run's --dtype,
+    eval mode, no parameter requiring grad and no autocast. At 7B that is two bf16 copies (2 x 16.6
+    GB); the training set-up of a full fine-tune (fp32 master weights under bf16 autocast, which
+    also caches a bf16 copy of every weight that requires grad) needed about 83 GB. A LoRA run's
+    adapter is cast to --dtype with its base, and switched off for the initial model."""
+    from peft import PeftModel
+    processor = selfplay.load_processor(cfg.model)
+    if cfg.lora_rank > 0:
+        base = selfplay.load_model(cfg.model, cfg.device, cfg.dtype)
+        trained = PeftModel.from_pretrained(base, checkpoint).to(cfg.dtype).eval().requires_grad_(False)
+        return selfplay.Policy(trained), selfplay.Policy(trained, adapter=False), processor
+    trained, initial = (selfplay.load_model(path, cfg.device, cfg.dtype).eval().requires_grad_(False)
+                        for path in (checkpoint, cfg.model))
+    return selfplay.Policy(trained), selfplay.Policy(initial), processor
+
+
 def fresh_state(cfg, baselines):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
