@@ -91,6 +91,15 @@ def total(value):
     return type(value)(tensor.item()) if isinstance(value, int) else tensor.item()
 
 
+def maximum(value):
+    """The largest of an integer over all ranks (the integer itself in one process)."""
+    if not active():
+        return value
+    tensor = torch.tensor(value, dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -171,13 +180,14 @@ def is_sharded(model):
     return isinstance(model, FSDPModule)
 
 
-def sync_gradients(model, sync):
-    """Whether the next backward synchronises gradients across ranks: micro-batches accumulate
-    locally and only the last of an optimiser step syncs (ranks may have different counts)."""
+def sync_gradients(model, last):
+    """Whether the next backward synchronises gradients across ranks. DDP: only the last
+    micro-batch of an optimiser step all-reduces, the others accumulate locally (the adapter's
+    gradient is small). FSDP2 reduce-scatters after every micro-batch whatever `last` says: turning
+    that off would make it accumulate the whole model's gradient unsharded, in fp32, on every rank
+    (33 GB at 7B)."""
     if isinstance(model, DistributedDataParallel):
-        model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
-    elif is_sharded(model):
-        model.set_requires_gradient_sync(sync)
+        model.require_backward_grad_sync = last  # what DDP's no_sync() context sets
 
 
 def full_states(model, optimizer):

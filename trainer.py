@@ -128,50 +128,82 @@ def learning_rate(iteration, cfg):
 # One optimiser step on a stage's samples
 
 
+def filler_turn(processor):
+    """A turn that trains nothing (its loss is multiplied by 0), for a rank with fewer micro-batches
+    than another: FSDP2 needs every rank in every forward and backward, DDP in the backward that
+    synchronises. A white picture and one pad token: it runs the vision tower and every layer."""
+    from PIL import Image
+    pad = processor.tokenizer.pad_token_id
+    return selfplay.Turn(-1, -1, selfplay.chat(processor, ""), Image.new("RGB", (56, 56), "white"), completion_ids=[pad])
+
+
+def micro_batches(n_turns, cfg):
+    """Per optimiser step, the index lists of its micro-batches, padded with empty lists (filler
+    turns) to the most that any rank has: every rank runs the same number of passes, even one
+    with no turns at all (a short batch). One process: no padding."""
+    size = max(1, math.ceil(n_turns / cfg.minibatches))
+    minibatches = [list(range(s, min(s + size, n_turns))) for s in range(0, n_turns, size)] or [[]]
+    chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
+    steps = distributed.maximum(len(chunks))
+    chunks += [[] for _ in range(steps - len(chunks))]
+    passes = distributed.maximum(max(len(c) for c in chunks))
+    return [c + [[] for _ in range(passes - len(c))] for c in chunks]
+
+
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
     accumulated over micro-batches, clipped and skipped if not finite.
     Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
     skipped, the share of completion tokens where the clip bound, and their mean entropy.
-    Under torchrun `turns` are this rank's; the loss and every metric are over all ranks' sequences."""
+    Under torchrun `turns` are this rank's (possibly none); the loss and every metric are over all
+    ranks' sequences."""
     model = policy.model
     n_global = distributed.total(len(turns))
-    size = math.ceil(len(turns) / cfg.minibatches)
-    minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
-    chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
+    steps = micro_batches(len(turns), cfg)
+    filler = filler_turn(processor)
+
+    def batch(chunk):  # (turns, advantages, weight) of a micro-batch; an empty one is the filler, weight 0
+        return ([turns[i] for i in chunk], [advantages[i] for i in chunk], 1.0) if chunk else ([filler], [0.0], 0.0)
+
     # the log-probs of the policy that sampled: after the first step the weights differ, so the
     # ratio of Eq. 3 moves away from 1 and the clip binds (PPO). One step needs no extra pass.
     old_logps = {}
-    if len(minibatches) > 1:
+    if len(steps) > 1:
         with torch.no_grad():
-            for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
-                inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
-                with policy.active():
-                    old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
+            for s, step_chunks in enumerate(steps[1:], 1):
+                for c, chunk in enumerate(step_chunks):
+                    inputs, ids, _ = selfplay.completion_batch(processor, batch(chunk)[0], model.device)
+                    with policy.active():
+                        old_logps[s, c] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
-    for mb, mb_chunks in zip(minibatches, chunks):
+    for s, step_chunks in enumerate(steps):
         optimizer.zero_grad(set_to_none=True)
-        step_loss, mb_global = 0.0, distributed.total(len(mb))
-        for chunk in mb_chunks:
-            distributed.sync_gradients(model, chunk is mb_chunks[-1])  # once per step, not per micro-batch
-            adv = torch.tensor([advantages[i] for i in chunk], device=model.device)
-            inputs, ids, mask = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
+        step_loss, mb_global = 0.0, distributed.total(sum(len(chunk) for chunk in step_chunks))
+        for c, chunk in enumerate(step_chunks):
+            # DDP: micro-batches accumulate locally, the last one all-reduces; FSDP2 reduce-scatters
+            # every one, so that a rank never holds more than its shard of the gradients
+            distributed.sync_gradients(model, c == len(step_chunks) - 1)
+            chunk_turns, chunk_advantages, weight = batch(chunk)
+            adv = torch.tensor(chunk_advantages, device=model.device)
+            inputs, ids, mask = selfplay.completion_batch(processor, chunk_turns, model.device)
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
             with policy.active():
                 logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
-            old_logp = old_logps.get(chunk[0], logp.detach())
+            old_logp = old_logps.get((s, c), logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
+            (loss * weight * len(chunk) / max(mb_global, 1) * distributed.world_size()).backward()
+            if not chunk:
+                continue
             ratio = torch.exp(logp.detach() - old_logp)
             tokens += mask.sum().item()
             clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
             entropy += (token_entropy * mask).sum().item()
-            # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
-            (loss * len(chunk) / mb_global * distributed.world_size()).backward()
             step_loss += loss.item() * len(chunk) / mb_global
             if ref_logp is not None:
                 total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / n_global
@@ -186,7 +218,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         else:  # one bad batch must not poison the weights: drop it and say so in the metrics
             skipped = True
         optimizer.zero_grad(set_to_none=True)
-        total_loss += step_loss * mb_global / n_global
+        total_loss += step_loss * mb_global / max(n_global, 1)
     model.eval()
     tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
     return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
