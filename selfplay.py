@@ -276,16 +276,23 @@ def image_problem(pair, decode=False):
     return None
 
 
-def decodable_pairs(pairs):
-    """The pairs whose images decode completely; each one that does not is named and dropped, so
-    that a truncated image costs one game of a batch instead of the run."""
-    kept = []
+def decodable_pairs(pairs, spares=()):
+    """The pairs whose images decode completely. Each one that does not is named, in one line, and
+    replaced by the next of `spares` (an iterable of pairs, e.g. those that follow the batch in
+    the epoch order) that decodes, or dropped when none is left: a truncated image costs one
+    game, never the run, and with spares every rank of a torchrun run still plays its full share."""
+    kept, spares = [], iter(spares)
     for pair in pairs:
         problem = image_problem(pair, decode=True)
-        if problem:
-            print(f"dropping pair {pair['id']} from this batch: {problem}")
-        else:
+        if not problem:
             kept.append(pair)
+            continue
+        spare = next((s for s in spares if image_problem(s, decode=True) is None), None)
+        instead = "" if spare is None else f"; pair {spare['id']} plays in its place"
+        if distributed.is_main():  # every rank makes the same batch: one line for all of them
+            print(f"dropping pair {pair['id']} from this batch: {problem}{instead}")
+        if spare is not None:
+            kept.append(spare)
     return kept
 
 

@@ -4,6 +4,7 @@ call trainer.train_step in the workers with forced advantages, so that the weigh
 
     python -m pytest -q test_distributed.py
 """
+import argparse
 import json
 import os
 import signal
@@ -317,3 +318,35 @@ def test_killed_torchrun_resumes_without_logging_twice(tiny_model, pairs_dir, tm
     assert [json.loads(line)["iteration"] for line in open(metrics)] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(os.path.join(out, "games"))) == [f"iter_{i:06d}.jsonl" for i in range(1, 7)]
     assert json.load(open(os.path.join(out, "ckpt-000006", "state.json")))["iteration"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [4, 0])  # DDP, FSDP2
+def test_cut_picture_in_a_torchrun_batch_is_replaced_and_the_run_resumes(tiny_model, pairs_dir, tmp_path, lora_rank):
+    """A picture of iteration 1's batch that does not decode (rank 1's game): the next pair of the
+    epoch order plays in its place, said in one line, so both ranks play a game and the run
+    finishes (it hung under FSDP2, and stopped with 0 games on a rank under DDP); then it resumes."""
+    from test_bad_data import copy_pairs, cut_picture
+    data, out = tmp_path / "data", str(tmp_path / "run")
+    copy_pairs(pairs_dir, data, 20)
+    pairs = selfplay.read_pairs(str(data), "train")
+    cfg = argparse.Namespace(seed=0, games=2)
+    first, second = trainer.batch_pairs(pairs, 1, cfg), trainer.batch_pairs(pairs, 2, cfg)
+    cut_picture(first[1])
+    args = ["--model", tiny_model, "--data", str(data), "--out", out, "--games", "2", "--rounds", "1",
+            "--max-new-tokens", "4", "--samples", "2", "--lora-rank", str(lora_rank), "--schedule", "decision"]
+    for iterations in ("2", "3"):  # a run, then its resume
+        process = torchrun("rlvr.py", [*args, "--iterations", iterations], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"the {iterations}-iteration run did not finish in 300 s")
+        assert process.returncode == 0, stderr[-2000:]
+        if iterations == "2":
+            said = [line for line in stdout.splitlines() if line.startswith("dropping pair")]
+            assert said == [line for line in said if line.endswith(f"; pair {second[0]['id']} plays in its place")]
+            assert len(said) == 1 and said[0].startswith(f"dropping pair {first[1]['id']} from this batch")
+    assert [pair_id for pair_id, _ in played(out, 1)] == [first[0]["id"], second[0]["id"]]
+    assert [json.loads(line)["iteration"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]

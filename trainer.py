@@ -298,13 +298,20 @@ def fresh_state(cfg, baselines):
 
 def batch_pairs(pairs, iteration, cfg):
     """The pairs of an iteration: consecutive slices of a per-epoch shuffle, so every pair is used
-    once per epoch and a resumed run plays exactly the games an uninterrupted one would."""
-    chosen = []
-    for k in range((iteration - 1) * cfg.games, iteration * cfg.games):
+    once per epoch and a resumed run plays exactly the games an uninterrupted one would. A pair
+    whose images do not decode is replaced by the next one after the batch in that order that
+    does (selfplay.decodable_pairs): the batch keeps its --games games."""
+    orders = {}
+
+    def at(k):  # the k-th pair of the run's sequence of epochs
         epoch, position = divmod(k, len(pairs))
-        order = random.Random(f"{cfg.seed}-epoch-{epoch}").sample(range(len(pairs)), len(pairs))
-        chosen.append(pairs[order[position]])
-    return chosen
+        if epoch not in orders:
+            orders[epoch] = random.Random(f"{cfg.seed}-epoch-{epoch}").sample(range(len(pairs)), len(pairs))
+        return pairs[orders[epoch][position]]
+
+    end = iteration * cfg.games
+    spares = (at(k) for k in range(end, end + len(pairs)))
+    return selfplay.decodable_pairs([at(k) for k in range(end - cfg.games, end)], spares)
 
 
 def parse_args(stage):
@@ -447,9 +454,10 @@ def main(stage, clue_stage, decision_stage):
         rng = random.Random(f"{cfg.seed}-{iteration}")
         # sampling is a function of (seed, iteration, rank): resumes replay exactly
         torch.manual_seed(rng.randrange(2**31) + distributed.rank())
-        pairs_now = selfplay.decodable_pairs(batch_pairs(pairs, iteration, cfg))
-        if not pairs_now:
-            sys.exit(f"error: no image of iteration {iteration}'s pairs decodes; check the images in {cfg.data}")
+        pairs_now = batch_pairs(pairs, iteration, cfg)
+        if len(pairs_now) < distributed.world_size() or not pairs_now:  # every rank needs a game
+            sys.exit(f"error: only {len(pairs_now)} pairs of {cfg.data} decode, too few for iteration {iteration}'s "
+                     f"{cfg.games} games on {distributed.world_size()} processes; check the images in {cfg.data}")
         spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
         mine = distributed.my_share(len(pairs_now))  # all of them in one process
         own_pairs, own_seats = pairs_now[mine], spy_seats[mine]
