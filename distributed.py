@@ -210,13 +210,21 @@ def save_pretrained(model, folder, weights):
         model.save_pretrained(folder, state_dict=weights)
 
 
-def load_optimizer(model, optimizer, saved):
-    """Load an optimizer state saved by full_states (FSDP2: each rank keeps its shard of it)."""
+def load_optimizer(model, optimizer, path):
+    """Load the optimizer.pt that full_states saved, memory-mapped: its pages are read as they are
+    copied, never the whole file into host memory at once. Under FSDP2 rank 0 alone reads it and
+    broadcasts it tensor by tensor, each rank keeping its shard (at 7B the file is 66 GB: every rank
+    loading it whole took ~530 GB of host memory on 8 ranks). Otherwise (one process, or DDP's
+    adapter-sized state) each rank maps the file; the ranks of a node share its page cache."""
+    def read():
+        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+
     if not is_sharded(model):
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(read())
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, read() if is_main() else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def finish():

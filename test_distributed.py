@@ -170,7 +170,24 @@ def worker(rank, world, port, model_dir, pairs_dir, out, lora_rank, split):
         trainer.train_step(policy, reference, adam, processor, turns[mine], FORCED_ADVANTAGES[mine], cfg, lr=1e-2)
     weights["end"] = trainable(policy.model)
     checkpoints.save_checkpoint(out, policy, processor, adam, {"iteration": 3, "stage": "decision"})
-    torch.save({"weights": weights if lora_rank else None, "result": result, "holdings": holdings},
+    resumed = {}
+    if not lora_rank:  # a resume: a fresh model and optimizer take the saved AdamW state
+        fresh, _ = trainer.build_policy(cfg)
+        fresh_adam = torch.optim.AdamW([p for p in fresh.model.parameters() if p.requires_grad], lr=1e-2)
+        load, reads = torch.load, []
+        def reading(source, *args, **kwargs):  # files only: a broadcast unpickles objects through torch.load too
+            if isinstance(source, (str, os.PathLike)):
+                reads.append(kwargs.get("mmap"))
+            return load(source, *args, **kwargs)
+        torch.load = reading
+        distributed.load_optimizer(fresh.model, fresh_adam, os.path.join(out, "ckpt-000003", "optimizer.pt"))
+        torch.load = load
+        pairs_of_states = [(adam.state[p], fresh_adam.state[q]) for p, q in zip(adam.param_groups[0]["params"],
+                                                                             fresh_adam.param_groups[0]["params"])]
+        resumed = {"reads": reads, "equal": all(
+            torch.equal(a[key].to_local(), b[key].to_local()) for a, b in pairs_of_states for key in ("exp_avg", "exp_avg_sq"))
+            and all(float(a["step"]) == float(b["step"]) == 2 for a, b in pairs_of_states)}
+    torch.save({"weights": weights if lora_rank else None, "result": result, "holdings": holdings, "resumed": resumed},
                os.path.join(out, f"rank{rank}.pt"))  # with DDP every rank holds the whole adapter
     distributed.finish()
 
@@ -237,8 +254,9 @@ def test_ddp_rank_without_turns_joins_the_step(tiny_model, pairs_dir, tmp_path):
 def test_fsdp2_step_gathers_a_full_checkpoint(tiny_model, pairs_dir, tmp_path):
     """Full fine-tuning under FSDP2 (4 turns per rank, 2 micro-batches): after every backward each
     rank holds only its shard of the gradients (reduce-scattered at once, never accumulated whole),
-    the checkpoint gathered from the shards loads with from_pretrained, and its first step equals
-    the one-process step."""
+    the checkpoint gathered from the shards loads with from_pretrained, its optimizer state loads
+    back from rank 0's memory map into every rank's shard, and its first step equals the
+    one-process step."""
     os.makedirs(tmp_path / "sgd")
     mp.spawn(worker, args=(2, free_port(), tiny_model, pairs_dir, str(tmp_path), 0, [(0, 4), (4, 8)]), nprocs=2)
     for rank in range(2):
@@ -246,6 +264,9 @@ def test_fsdp2_step_gathers_a_full_checkpoint(tiny_model, pairs_dir, tmp_path):
         assert len(holdings) == 3 * 3  # 3 steps: before each of 2 micro-batches and before the clip
         assert all(unsharded == 0 and not_a_shard == 0 for unsharded, not_a_shard, _ in holdings), holdings
         assert all(held > 0 for _, _, held in holdings[1::3] + holdings[2::3])  # gradients after each backward
+        # the resume's optimizer state: read memory-mapped by rank 0 alone, each rank's shard as it was saved
+        resumed = torch.load(tmp_path / f"rank{rank}.pt")["resumed"]
+        assert resumed["reads"] == ([True] if rank == 0 else []) and resumed["equal"]
     initial = selfplay.load_model(tiny_model, "cpu", torch.float32)
     end = selfplay.load_model(str(tmp_path / "ckpt-000003"), "cpu", torch.float32).state_dict()
     assert end.keys() == initial.state_dict().keys()

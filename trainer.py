@@ -356,12 +356,16 @@ def parse_args(stage):
     p.add_argument("--patience", type=int, default=20, help="P: iterations after which the stage switches regardless")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on the text model (0 = full fine-tune with a frozen reference copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, ~30%% slower)")
-    p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
+    p.add_argument("--save-every", type=int,
+                   help="save a checkpoint every this many iterations (and at every exit); default 1 with LoRA (an adapter), "
+                   "10 for full fine-tuning, whose checkpoint is the fp32 model and its AdamW state (~100 GB at 7B)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
+    if cfg.save_every is None:
+        cfg.save_every = 1 if cfg.lora_rank > 0 else 10
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr is None:
@@ -442,7 +446,7 @@ def main(stage, clue_stage, decision_stage):
     reference = reference_policy(policy, cfg) if cfg.kl > 0 else None  # no reference pass when the KL term is off
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
-        distributed.load_optimizer(policy.model, optimizer, torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        distributed.load_optimizer(policy.model, optimizer, os.path.join(checkpoint, "optimizer.pt"))
 
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
