@@ -515,3 +515,24 @@ def test_colour_check_ceiling_by_hand():
     assert evaluate.colour_check_accuracy(games[2:3], 4) == 0.25
     assert evaluate.colour_check_accuracy(games[3:], 4) == 0.0
     assert evaluate.colour_check_accuracy(games, 4) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
+
+
+def test_more_iterations_on_resume_keep_the_learning_rate_falling():
+    """A 10-iteration run resumed after iteration 10 (and another after 4) with --iterations 20:
+    the rates already used are kept, the new ones fall from the last one to 0 without jumping back
+    up (stretching the cosine to 20 did: 3.0e-6 at iteration 10, then 5.9e-5), and one line says so."""
+    cfg = SimpleNamespace(lr=1e-4, iterations=10)
+    fresh = {"iteration": 0}
+    assert trainer.extend_schedule(fresh, cfg) is None and fresh["lr_schedule"] == {"horizon": 10}
+    rates = [trainer.learning_rate(k, cfg, fresh["lr_schedule"]) for k in range(1, 11)]
+    assert rates[0] == 1e-4 and max(rates) == 1e-4 and rates[-1] < 1e-5  # warm-up of 1, then the cosine
+    for done in (10, 4):
+        state = {"iteration": done, "lr_schedule": {"horizon": 10}}
+        longer = SimpleNamespace(lr=1e-4, iterations=20)
+        note = trainer.extend_schedule(state, longer)
+        assert note.startswith("--iterations 20 extends this run's schedule of 10 iterations")
+        assert f"(iteration {done})" in note
+        after = [trainer.learning_rate(k, longer, state["lr_schedule"]) for k in range(done + 1, 21)]
+        assert all(a > b > 0 for a, b in zip([rates[done - 1]] + after, after))  # falling, never 0 before the end
+        assert trainer.extend_schedule(state, longer) is None  # the same --iterations again: nothing changes
+    assert trainer.extend_schedule({"iteration": 3, "lr_schedule": {"horizon": 10}}, SimpleNamespace(lr=1e-4, iterations=5)) is None

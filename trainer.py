@@ -115,13 +115,39 @@ def update_decision_emas(state, acc, na, cfg):
     state["acc_ema"], state["na_ema"] = state["acc_ema_raw"] / scale, state["na_ema_raw"] / scale
 
 
-def learning_rate(iteration, cfg):
-    """Cosine schedule with 10% linear warm-up over the run's --iterations (1-based iteration)."""
-    warmup = max(1, math.ceil(0.1 * cfg.iterations))
+def learning_rate(iteration, cfg, schedule=None):
+    """The learning rate of a 1-based iteration: cosine with 10% linear warm-up over the run's
+    horizon, schedule["horizon"] (the --iterations it started with; default cfg.iterations). After
+    a resume with a larger --iterations (extend_schedule) the schedule also holds "from" and "lr":
+    from that iteration on, the rate falls by a cosine from the rate it had there to 0 at the new
+    horizon, instead of stretching the whole cosine, which would throw it back up."""
+    schedule = schedule or {"horizon": cfg.iterations}
+    if "from" in schedule:
+        done, horizon = iteration - schedule["from"], schedule["horizon"] - schedule["from"] + 1
+        return schedule["lr"] * 0.5 * (1 + math.cos(math.pi * done / horizon))
+    horizon = schedule["horizon"]
+    warmup = max(1, math.ceil(0.1 * horizon))
     step = iteration - 1
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.iterations - warmup)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, horizon - warmup)))
+
+
+def extend_schedule(state, cfg):
+    """The learning-rate schedule of a run (kept in state["lr_schedule"]): a fresh run's horizon is
+    its --iterations. A resume with more --iterations keeps what was done and decays from the
+    current rate to 0 at the new end; a resume with fewer stops early on the same schedule. Returns
+    a one-line note when the schedule changed, else None."""
+    schedule = state.setdefault("lr_schedule", {"horizon": cfg.iterations})  # a checkpoint from before it was kept: as before
+    if cfg.iterations <= schedule["horizon"]:
+        return None
+    done = state["iteration"]
+    rate = learning_rate(done, cfg, schedule) if done else cfg.lr
+    state["lr_schedule"] = {"horizon": cfg.iterations, "from": done, "lr": rate} if done else {"horizon": cfg.iterations}
+    if not done:
+        return None
+    return (f"--iterations {cfg.iterations} extends this run's schedule of {schedule['horizon']} iterations: the learning rate "
+            f"falls from {rate:.3g} (iteration {done}) to 0 at iteration {cfg.iterations}, without a new warm-up")
 
 
 # -----------------------------------------------------------------------------
@@ -425,6 +451,9 @@ def main(stage, clue_stage, decision_stage):
         if "updates" not in state["baselines"]:  # a checkpoint from before the RAE bias correction
             state["baselines"]["updates"] = checkpoints.clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
                                                                    state["iteration"])
+    schedule_note = extend_schedule(state, cfg)
+    if schedule_note and distributed.is_main():
+        print(schedule_note)
     if state["iteration"] >= cfg.iterations:
         if distributed.is_main():
             print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
@@ -481,7 +510,7 @@ def main(stage, clue_stage, decision_stage):
         else:
             turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
-        lr = learning_rate(iteration, cfg)
+        lr = learning_rate(iteration, cfg, state["lr_schedule"])
         step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
 
