@@ -536,3 +536,19 @@ def test_more_iterations_on_resume_keep_the_learning_rate_falling():
         assert all(a > b > 0 for a, b in zip([rates[done - 1]] + after, after))  # falling, never 0 before the end
         assert trainer.extend_schedule(state, longer) is None  # the same --iterations again: nothing changes
     assert trainer.extend_schedule({"iteration": 3, "lr_schedule": {"horizon": 10}}, SimpleNamespace(lr=1e-4, iterations=5)) is None
+
+
+@pytest.mark.slow
+def test_alternate_schedule_trains_both_stages_in_one_process(tiny_model, pairs_dir, tmp_path):
+    """--schedule alternate: one rlvr.py process plays decision, clue, decision, clue (the released
+    code's switch after every step), and a resume continues in the stage it stopped before."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, "rlvr.py", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--games", "2",
+            "--rounds", "1", "--samples", "2", "--max-new-tokens", "4", "--lora-rank", "4", "--schedule", "alternate"]
+    first = run([*args, "--iterations", "3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("stage, config:") == 1  # one process, one model load
+    second = run([*args, "--iterations", "4"])  # the run now stands in the clue stage: rlvr.py still takes it
+    assert second.returncode == 0, second.stderr[-2000:]
+    stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert stages == ["decision", "clue", "decision", "clue"]

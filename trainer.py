@@ -24,7 +24,8 @@ comes next:
            regardless.
 
 When the schedule says to change stage, the checkpoint records the new stage and the script
-exits; run.sh then starts the other script on the same --out folder. The stage scripts call
+exits; run.sh then starts the other script on the same --out folder (--schedule alternate, which
+switches every iteration, trains both stages in one process instead). The stage scripts call
 main() with both stages' modules (their scoring and sample functions), so this file imports
 neither of them. Started by hand:
 
@@ -458,9 +459,12 @@ def main(stage, clue_stage, decision_stage):
         if distributed.is_main():
             print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
         return
-    if state["stage"] != stage:
+    if state["stage"] != stage and cfg.schedule != "alternate":
         script = "spo.py" if state["stage"] == "clue" else "rlvr.py"
         sys.exit(f"error: the run in {cfg.out} is in the {state['stage']} stage: run `python {script}` with the same flags, or `bash run.sh`")
+    # --schedule alternate changes stage every iteration: both stages train in this one process,
+    # rather than a new process loading the model for every iteration
+    stage = state["stage"]
     pairs = selfplay.read_pairs(cfg.data, "train", domain=cfg.domain)
     if not pairs:
         sys.exit(f"error: no readable training pairs in {cfg.data}; make some with `python make_games.py --out {cfg.data}`")
@@ -537,7 +541,8 @@ def main(stage, clue_stage, decision_stage):
                 f.write(json.dumps(metrics) + "\n")
         if following != stage:
             state["stage"], state["dwell"] = following, 0
-        finished = following != stage or state["iteration"] >= cfg.iterations
+        handover = following != stage and cfg.schedule != "alternate"  # the other stage script takes over
+        finished = handover or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             checkpoints.save_checkpoint(cfg.out, policy, processor, optimizer, state)
         if step["skipped_update"] and distributed.is_main():
@@ -546,6 +551,7 @@ def main(stage, clue_stage, decision_stage):
         bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
         if finished:
             break
+        stage = following
     bar.close()
     if distributed.is_main():
         print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")
