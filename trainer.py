@@ -189,8 +189,8 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     steps = micro_batches(len(turns), cfg)
     filler = filler_turn(processor)
 
-    def batch(chunk):  # (turns, advantages, weight) of a micro-batch; an empty one is the filler, weight 0
-        return ([turns[i] for i in chunk], [advantages[i] for i in chunk], 1.0) if chunk else ([filler], [0.0], 0.0)
+    def batch(chunk):  # (turns, advantages) of a micro-batch; an empty one is the filler, whose loss counts 0 times
+        return ([turns[i] for i in chunk], [advantages[i] for i in chunk]) if chunk else ([filler], [0.0])
 
     # the log-probs of the policy that sampled: after the first step the weights differ, so the
     # ratio of Eq. 3 moves away from 1 and the clip binds (PPO). One step needs no extra pass.
@@ -212,7 +212,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             # DDP: micro-batches accumulate locally, the last one all-reduces; FSDP2 reduce-scatters
             # every one, so that a rank never holds more than its shard of the gradients
             distributed.sync_gradients(model, c == len(step_chunks) - 1)
-            chunk_turns, chunk_advantages, weight = batch(chunk)
+            chunk_turns, chunk_advantages = batch(chunk)
             adv = torch.tensor(chunk_advantages, device=model.device)
             inputs, ids, mask = selfplay.completion_batch(processor, chunk_turns, model.device)
             ref_logp = None
@@ -224,7 +224,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             old_logp = old_logps.get((s, c), logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
             # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
-            (loss * weight * len(chunk) / max(mb_global, 1) * distributed.world_size()).backward()
+            (loss * len(chunk) / max(mb_global, 1) * distributed.world_size()).backward()
             if not chunk:
                 continue
             ratio = torch.exp(logp.detach() - old_logp)
