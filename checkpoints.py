@@ -24,6 +24,7 @@ import torch
 
 import distributed
 import jsonl
+import selfplay
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
 
@@ -149,6 +150,8 @@ def save_checkpoint(out, policy, processor, optimizer, state):
     folder = os.path.join(out, name)
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
     distributed.save_pretrained(policy.model, folder, weights)  # safetensors: the LoRA adapter, or the whole model
+    if os.path.exists(os.path.join(folder, "generation_config.json")):  # a whole model: its decoding defaults
+        selfplay.write_generation_config(policy.model, folder)
     processor.save_pretrained(folder)
     torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
     write_json_atomic(os.path.join(folder, "state.json"), state)  # last: its presence marks a whole folder

@@ -91,6 +91,15 @@ def total(value):
     return type(value)(tensor.item()) if isinstance(value, int) else tensor.item()
 
 
+def maximum(value):
+    """The largest of an integer over all ranks (the integer itself in one process)."""
+    if not active():
+        return value
+    tensor = torch.tensor(value, dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -171,13 +180,14 @@ def is_sharded(model):
     return isinstance(model, FSDPModule)
 
 
-def sync_gradients(model, sync):
-    """Whether the next backward synchronises gradients across ranks: micro-batches accumulate
-    locally and only the last of an optimiser step syncs (ranks may have different counts)."""
+def sync_gradients(model, last):
+    """Whether the next backward synchronises gradients across ranks. DDP: only the last
+    micro-batch of an optimiser step all-reduces, the others accumulate locally (the adapter's
+    gradient is small). FSDP2 reduce-scatters after every micro-batch whatever `last` says: turning
+    that off would make it accumulate the whole model's gradient unsharded, in fp32, on every rank
+    (33 GB at 7B)."""
     if isinstance(model, DistributedDataParallel):
-        model.require_backward_grad_sync = sync  # what DDP's no_sync() context sets
-    elif is_sharded(model):
-        model.set_requires_gradient_sync(sync)
+        model.require_backward_grad_sync = last  # what DDP's no_sync() context sets
 
 
 def full_states(model, optimizer):
@@ -200,13 +210,21 @@ def save_pretrained(model, folder, weights):
         model.save_pretrained(folder, state_dict=weights)
 
 
-def load_optimizer(model, optimizer, saved):
-    """Load an optimizer state saved by full_states (FSDP2: each rank keeps its shard of it)."""
+def load_optimizer(model, optimizer, path):
+    """Load the optimizer.pt that full_states saved, memory-mapped: its pages are read as they are
+    copied, never the whole file into host memory at once. Under FSDP2 rank 0 alone reads it and
+    broadcasts it tensor by tensor, each rank keeping its shard (at 7B the file is 66 GB: every rank
+    loading it whole took ~530 GB of host memory on 8 ranks). Otherwise (one process, or DDP's
+    adapter-sized state) each rank maps the file; the ranks of a node share its page cache."""
+    def read():
+        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+
     if not is_sharded(model):
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(read())
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, read() if is_main() else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def finish():

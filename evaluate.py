@@ -70,8 +70,7 @@ def main():
     if not pairs:
         sys.exit(f"error: no held-out pairs in {cfg.data} (about 10% of the ids are held out); make more pairs")
 
-    trained, processor = trainer.build_policy(cfg, checkpoint)
-    reference = trainer.reference_policy(trained, cfg)
+    trained, reference, processor = trainer.evaluation_policies(cfg, checkpoint)
     rng = random.Random(args.seed)
     order = [pairs[k % len(pairs)] for k in range(args.games)]
     trained_civilians = [k % 2 == 0 for k in range(args.games)]  # alternate sides: half and half

@@ -6,7 +6,8 @@ export.py: turn a training run into a plain Hugging Face model folder, for bench
 
 Takes the run's latest checkpoint. A LoRA run's adapter is merged into the base model (the run's
 --model) with peft's merge_and_unload, in float32, then cast to --dtype; a full fine-tune's weights
-are re-saved in --dtype. The folder holds config.json, generation_config.json, safetensors weights,
+are re-saved in --dtype. The folder holds config.json, generation_config.json (the initial model's
+decoding defaults: training samples without them, the exported model keeps them), safetensors weights,
 the tokenizer, the processor and its chat template, and no adapter or optimiser files: it loads
 with AutoModelForImageTextToText / AutoProcessor.from_pretrained without peft, and vLLM, lmms-eval
 and VLMEvalKit take it as a local model path (docs/benchmarks.md has their commands).
@@ -28,6 +29,7 @@ import sys
 import torch
 
 import checkpoints
+import selfplay
 import trainer
 
 IMAGE_ONLY_PROCESSOR = "ImageOnlyQwenProcessor"  # the class selfplay.register_image_only_processor defines
@@ -80,6 +82,7 @@ def export(run, target, dtype):
     shutil.rmtree(staging, ignore_errors=True)  # the leftover of an export that crashed
     try:
         model.save_pretrained(staging)  # config, generation_config, safetensors weights
+        selfplay.write_generation_config(model, staging)  # the initial checkpoint's decoding defaults, not training's
         processor.save_pretrained(staging)  # tokenizer, image processor, chat template
         stock_processor_files(staging)
         if os.path.isdir(target):

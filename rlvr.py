@@ -50,8 +50,12 @@ def group_std(rewards):
 
 
 def group_advantages(rewards):
-    """Eq. 5: rewards standardised within one group."""
+    """Eq. 5: rewards standardised within one group; exactly 0 for a group of equal rewards (their
+    float mean can differ from each of them by a rounding error, which / 1e-8 would turn into
+    advantages of ~1e-9 to 1e-8)."""
     mean, std = sum(rewards) / len(rewards), group_std(rewards)
+    if std == 0.0:
+        return [0.0] * len(rewards)
     return [(r - mean) / (std + 1e-8) for r in rewards]
 
 

@@ -276,16 +276,23 @@ def image_problem(pair, decode=False):
     return None
 
 
-def decodable_pairs(pairs):
-    """The pairs whose images decode completely; each one that does not is named and dropped, so
-    that a truncated image costs one game of a batch instead of the run."""
-    kept = []
+def decodable_pairs(pairs, spares=()):
+    """The pairs whose images decode completely. Each one that does not is named, in one line, and
+    replaced by the next of `spares` (an iterable of pairs, e.g. those that follow the batch in
+    the epoch order) that decodes, or dropped when none is left: a truncated image costs one
+    game, never the run, and with spares every rank of a torchrun run still plays its full share."""
+    kept, spares = [], iter(spares)
     for pair in pairs:
         problem = image_problem(pair, decode=True)
-        if problem:
-            print(f"dropping pair {pair['id']} from this batch: {problem}")
-        else:
+        if not problem:
             kept.append(pair)
+            continue
+        spare = next((s for s in spares if image_problem(s, decode=True) is None), None)
+        instead = "" if spare is None else f"; pair {spare['id']} plays in its place"
+        if distributed.is_main():  # every rank makes the same batch: one line for all of them
+            print(f"dropping pair {pair['id']} from this batch: {problem}{instead}")
+        if spare is not None:
+            kept.append(spare)
     return kept
 
 
@@ -474,7 +481,16 @@ def plain_generation_config(model):
     model.generation_config = GenerationConfig(bos_token_id=checkpoint.bos_token_id,
                                                eos_token_id=checkpoint.eos_token_id,
                                                pad_token_id=checkpoint.pad_token_id)
+    model.checkpoint_generation_config = checkpoint  # what a saved model folder must keep: write_generation_config
     return model
+
+
+def write_generation_config(model, folder):
+    """Put back the decoding defaults of the checkpoint a model was loaded from (e.g. Qwen2.5-VL-7B-
+    Instruct's repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1) into a model folder
+    that save_pretrained wrote with the stripped generation_config of plain_generation_config: an
+    export or a full checkpoint then decodes, in vLLM or generate(), as the initial model does."""
+    getattr(model, "checkpoint_generation_config", model.generation_config).save_pretrained(folder)
 
 
 def generate(policy, processor, turns, cfg):

@@ -143,3 +143,29 @@ def test_make_tiny_model_killed_while_saving_leaves_no_staging_folder(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 143, result.stderr[-2000:]
     assert os.listdir(tmp_path) == []
+
+
+def cut_picture(pair):
+    """Overwrite a pair's modified image with a JPEG cut in half: read_pairs' verify() passes it,
+    decoding fails."""
+    jpeg = open(GRACE_HOPPER, "rb").read()
+    with open(pair["modified"], "wb") as f:
+        f.write(jpeg[: len(jpeg) // 2])
+
+
+def test_undecodable_pair_is_replaced_by_the_next_one_in_the_epoch_order(pairs_dir, tmp_path, capsys):
+    """A pair of iteration 1's batch that does not decode gives its place to the next pair of the
+    epoch order (the first of iteration 2's batch): the batch keeps --games games, in one line."""
+    import trainer
+    data = tmp_path / "data"
+    copy_pairs(pairs_dir, data, 20)
+    cfg = argparse.Namespace(seed=0, games=4)
+    pairs = selfplay.read_pairs(str(data), "train")
+    first, second = trainer.batch_pairs(pairs, 1, cfg), trainer.batch_pairs(pairs, 2, cfg)
+    capsys.readouterr()
+    cut_picture(first[2])
+    replaced = trainer.batch_pairs(pairs, 1, cfg)
+    assert [p["id"] for p in replaced] == [p["id"] for p in first[:2] + second[:1] + first[3:]]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"dropping pair {first[2]['id']} from this batch: cannot read its images")
+    assert out[0].endswith(f"; pair {second[0]['id']} plays in its place")

@@ -4,6 +4,7 @@ call trainer.train_step in the workers with forced advantages, so that the weigh
 
     python -m pytest -q test_distributed.py
 """
+import argparse
 import json
 import os
 import signal
@@ -110,9 +111,44 @@ def trainable(model):
     return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def gradient_holdings(model):
+    """Under FSDP2: (parameters holding an unsharded accumulated gradient, gradients that are not
+    this rank's shard, gradients held)."""
+    from torch.distributed.fsdp import FSDPModule
+    unsharded, not_a_shard, held = 0, 0, 0
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                for param in group.fsdp_params:
+                    unsharded += getattr(param, "unsharded_accumulated_grad", None) is not None
+                    grad = param.sharded_param.grad
+                    held += grad is not None
+                    not_a_shard += grad is not None and grad.to_local().shape != param.sharded_param.to_local().shape
+    return unsharded, not_a_shard, held
+
+
+def record_gradient_holdings(model, monkeypatch_target):
+    """Record gradient_holdings before every micro-batch and before every clipping: after every
+    backward of train_step."""
+    seen = []
+    build, clip = selfplay.completion_batch, torch.nn.utils.clip_grad_norm_
+
+    def building(*args, **kwargs):
+        seen.append(gradient_holdings(model))
+        return build(*args, **kwargs)
+
+    def clipping(*args, **kwargs):
+        seen.append(gradient_holdings(model))
+        return clip(*args, **kwargs)
+
+    monkeypatch_target.completion_batch, torch.nn.utils.clip_grad_norm_ = building, clipping
+    return seen
+
+
 def worker(rank, world, port, model_dir, pairs_dir, out, lora_rank, split):
     """One rank: an SGD step (lr 1) on its share `split` of the fixed turns, then two AdamW steps;
-    checkpoints after the SGD step (out/sgd) and at the end (out), and with DDP each rank's weights."""
+    checkpoints after the SGD step (out/sgd) and at the end (out); each rank's weights (DDP) or
+    what gradients it held after each backward (FSDP2)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -120,6 +156,7 @@ def worker(rank, world, port, model_dir, pairs_dir, out, lora_rank, split):
     cfg = step_cfg(model_dir, lora_rank)
     torch.manual_seed(0)
     policy, processor = trainer.build_policy(cfg)
+    holdings = record_gradient_holdings(policy.model, selfplay) if not lora_rank else []
     reference = trainer.reference_policy(policy, cfg)
     turns = fixed_turns(processor, selfplay.read_pairs(pairs_dir, "train"))
     mine = slice(*split[rank])
@@ -133,8 +170,25 @@ def worker(rank, world, port, model_dir, pairs_dir, out, lora_rank, split):
         trainer.train_step(policy, reference, adam, processor, turns[mine], FORCED_ADVANTAGES[mine], cfg, lr=1e-2)
     weights["end"] = trainable(policy.model)
     checkpoints.save_checkpoint(out, policy, processor, adam, {"iteration": 3, "stage": "decision"})
-    if lora_rank:  # DDP: every rank holds the whole adapter
-        torch.save({"weights": weights, "result": result}, os.path.join(out, f"rank{rank}.pt"))
+    resumed = {}
+    if not lora_rank:  # a resume: a fresh model and optimizer take the saved AdamW state
+        fresh, _ = trainer.build_policy(cfg)
+        fresh_adam = torch.optim.AdamW([p for p in fresh.model.parameters() if p.requires_grad], lr=1e-2)
+        load, reads = torch.load, []
+        def reading(source, *args, **kwargs):  # files only: a broadcast unpickles objects through torch.load too
+            if isinstance(source, (str, os.PathLike)):
+                reads.append(kwargs.get("mmap"))
+            return load(source, *args, **kwargs)
+        torch.load = reading
+        distributed.load_optimizer(fresh.model, fresh_adam, os.path.join(out, "ckpt-000003", "optimizer.pt"))
+        torch.load = load
+        pairs_of_states = [(adam.state[p], fresh_adam.state[q]) for p, q in zip(adam.param_groups[0]["params"],
+                                                                             fresh_adam.param_groups[0]["params"])]
+        resumed = {"reads": reads, "equal": all(
+            torch.equal(a[key].to_local(), b[key].to_local()) for a, b in pairs_of_states for key in ("exp_avg", "exp_avg_sq"))
+            and all(float(a["step"]) == float(b["step"]) == 2 for a, b in pairs_of_states)}
+    torch.save({"weights": weights if lora_rank else None, "result": result, "holdings": holdings, "resumed": resumed},
+               os.path.join(out, f"rank{rank}.pt"))  # with DDP every rank holds the whole adapter
     distributed.finish()
 
 
@@ -181,11 +235,38 @@ def test_ddp_step_equals_one_process_step_and_ranks_stay_identical(tiny_model, p
 
 
 @pytest.mark.slow
+def test_ddp_rank_without_turns_joins_the_step(tiny_model, pairs_dir, tmp_path):
+    """LoRA under DDP, all eight turns on rank 0 and none on rank 1 (a short batch): rank 1 runs
+    filler passes that train nothing, so the step still equals the one-process step."""
+    os.makedirs(tmp_path / "sgd")
+    mp.spawn(worker, args=(2, free_port(), tiny_model, pairs_dir, str(tmp_path), 4, [(0, 8), (8, 8)]), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    before, after, result = one_process_step(tiny_model, pairs_dir, 4)
+    for name in before:
+        assert torch.equal(ranks[0]["weights"]["end"][name], ranks[1]["weights"]["end"][name]), name
+        torch.testing.assert_close(ranks[1]["weights"]["sgd"][name] - ranks[1]["weights"]["before"][name],
+                                   after[name] - before[name], atol=1e-6, rtol=1e-5)
+    for rank in ranks:
+        assert rank["result"]["loss"] == pytest.approx(result["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_fsdp2_step_gathers_a_full_checkpoint(tiny_model, pairs_dir, tmp_path):
-    """Full fine-tuning under FSDP2 (4 turns per rank): the checkpoint gathered from the shards
-    loads with from_pretrained, and its first step equals the one-process step."""
+    """Full fine-tuning under FSDP2 (4 turns per rank, 2 micro-batches): after every backward each
+    rank holds only its shard of the gradients (reduce-scattered at once, never accumulated whole),
+    the checkpoint gathered from the shards loads with from_pretrained, its optimizer state loads
+    back from rank 0's memory map into every rank's shard, and its first step equals the
+    one-process step."""
     os.makedirs(tmp_path / "sgd")
     mp.spawn(worker, args=(2, free_port(), tiny_model, pairs_dir, str(tmp_path), 0, [(0, 4), (4, 8)]), nprocs=2)
+    for rank in range(2):
+        holdings = torch.load(tmp_path / f"rank{rank}.pt")["holdings"]
+        assert len(holdings) == 3 * 3  # 3 steps: before each of 2 micro-batches and before the clip
+        assert all(unsharded == 0 and not_a_shard == 0 for unsharded, not_a_shard, _ in holdings), holdings
+        assert all(held > 0 for _, _, held in holdings[1::3] + holdings[2::3])  # gradients after each backward
+        # the resume's optimizer state: read memory-mapped by rank 0 alone, each rank's shard as it was saved
+        resumed = torch.load(tmp_path / f"rank{rank}.pt")["resumed"]
+        assert resumed["reads"] == ([True] if rank == 0 else []) and resumed["equal"]
     initial = selfplay.load_model(tiny_model, "cpu", torch.float32)
     end = selfplay.load_model(str(tmp_path / "ckpt-000003"), "cpu", torch.float32).state_dict()
     assert end.keys() == initial.state_dict().keys()
@@ -258,3 +339,35 @@ def test_killed_torchrun_resumes_without_logging_twice(tiny_model, pairs_dir, tm
     assert [json.loads(line)["iteration"] for line in open(metrics)] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(os.path.join(out, "games"))) == [f"iter_{i:06d}.jsonl" for i in range(1, 7)]
     assert json.load(open(os.path.join(out, "ckpt-000006", "state.json")))["iteration"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [4, 0])  # DDP, FSDP2
+def test_cut_picture_in_a_torchrun_batch_is_replaced_and_the_run_resumes(tiny_model, pairs_dir, tmp_path, lora_rank):
+    """A picture of iteration 1's batch that does not decode (rank 1's game): the next pair of the
+    epoch order plays in its place, said in one line, so both ranks play a game and the run
+    finishes (it hung under FSDP2, and stopped with 0 games on a rank under DDP); then it resumes."""
+    from test_bad_data import copy_pairs, cut_picture
+    data, out = tmp_path / "data", str(tmp_path / "run")
+    copy_pairs(pairs_dir, data, 20)
+    pairs = selfplay.read_pairs(str(data), "train")
+    cfg = argparse.Namespace(seed=0, games=2)
+    first, second = trainer.batch_pairs(pairs, 1, cfg), trainer.batch_pairs(pairs, 2, cfg)
+    cut_picture(first[1])
+    args = ["--model", tiny_model, "--data", str(data), "--out", out, "--games", "2", "--rounds", "1",
+            "--max-new-tokens", "4", "--samples", "2", "--lora-rank", str(lora_rank), "--schedule", "decision"]
+    for iterations in ("2", "3"):  # a run, then its resume
+        process = torchrun("rlvr.py", [*args, "--iterations", iterations], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"the {iterations}-iteration run did not finish in 300 s")
+        assert process.returncode == 0, stderr[-2000:]
+        if iterations == "2":
+            said = [line for line in stdout.splitlines() if line.startswith("dropping pair")]
+            assert said == [line for line in said if line.endswith(f"; pair {second[0]['id']} plays in its place")]
+            assert len(said) == 1 and said[0].startswith(f"dropping pair {first[1]['id']} from this batch")
+    assert [pair_id for pair_id, _ in played(out, 1)] == [first[0]["id"], second[0]["id"]]
+    assert [json.loads(line)["iteration"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]

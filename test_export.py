@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import selfplay
 import checkpoints
+import export
+import selfplay
 import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,3 +122,42 @@ def test_bad_input_fails_with_one_line(lora_run, tiny_model, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "full" / "something").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["empty-run", "full"]  # nothing half-written
+
+
+QWEN_DECODING = {"do_sample": True, "repetition_penalty": 1.05, "top_k": 1, "top_p": 0.001, "temperature": 0.1}
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_export_and_full_checkpoints_keep_the_initial_decoding_defaults(tiny_model, tmp_path, lora_rank):
+    """An initial model with Qwen2.5-VL-7B-Instruct's decoding defaults: the export (LoRA merged or
+    a full fine-tune) and a full checkpoint keep them in generation_config.json, while the model
+    loaded for training, also from that checkpoint, has none of them (sampling is softmax(logits / T))."""
+    import shutil
+    from transformers import GenerationConfig
+    initial = str(tmp_path / "initial")
+    shutil.copytree(tiny_model, initial)
+    config = GenerationConfig.from_pretrained(initial)
+    config.update(**QWEN_DECODING)
+    config.save_pretrained(initial)
+    out = str(tmp_path / "run")
+    cfg = trainer.argparse.Namespace(model=initial, lora_rank=lora_rank, device="cpu", dtype=torch.float32,
+                                     gradient_checkpointing=False)
+    policy, processor = trainer.build_policy(cfg)
+    assert all(getattr(policy.model.generation_config, key) is None for key in QWEN_DECODING)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad])
+    checkpoints.save_checkpoint(out, policy, processor, optimizer, {"iteration": 1, "stage": "decision"})
+    checkpoints.write_json_atomic(os.path.join(out, "config.json"), {**vars(cfg), "dtype": "float32"})
+
+    def decoding(folder):
+        with open(os.path.join(folder, "generation_config.json")) as f:
+            saved = json.load(f)
+        return {key: saved.get(key) for key in QWEN_DECODING}
+
+    folders = [str(tmp_path / "exported")]
+    export.export(out, folders[0], torch.bfloat16)
+    if lora_rank == 0:  # the full checkpoint itself, and the model a resume loads from it
+        folders.append(os.path.join(out, "ckpt-000001"))
+        resumed = selfplay.load_model(folders[1], "cpu", torch.float32).generation_config
+        assert all(getattr(resumed, key) is None for key in QWEN_DECODING)
+    for folder in folders:
+        assert decoding(folder) == QWEN_DECODING, folder

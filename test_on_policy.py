@@ -187,3 +187,45 @@ def test_default_learning_rate_is_lora_s_or_full_fine_tuning_s(monkeypatch):
     assert lr() == 1e-4 and lr("--lora-rank", "64") == 1e-4  # LoRA: ~10x the full fine-tuning rate
     assert lr("--lora-rank", "0") == 1e-5  # the paper's full fine-tuning rate
     assert lr("--lora-rank", "0", "--lr", "3e-6") == 3e-6
+
+
+def test_gradient_checkpointing_runs_no_backward_through_the_frozen_vision_tower(tiny_model, pairs_dir):
+    """LoRA with --gradient-checkpointing: no gradient flows through any vision block (a hook on
+    their outputs counts it), and every LoRA gradient is bit-identical to the one computed with
+    transformers' input hooks on, which back-propagate the whole vision tower."""
+    cfg = game_cfg(model=tiny_model, lora_rank=4, gradient_checkpointing=True)
+    torch.manual_seed(0)
+    policy, processor = trainer.build_policy(cfg)
+    model = policy.model
+    with torch.no_grad():  # a non-zero adapter, so that its gradients are not trivially equal
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    for i, turn in enumerate(turns):
+        turn.completion_ids = [11 + i, 23, 57 + i]
+    inputs, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    backward_passes = []
+
+    def count_backward(module, args, output):
+        if output.requires_grad:
+            output.register_hook(lambda grad: backward_passes.append(1))
+
+    for block in model.base_model.model.model.visual.blocks:
+        block.register_forward_hook(count_backward)
+
+    def lora_gradients():
+        model.zero_grad(set_to_none=True)
+        model.train()
+        (selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature) * mask).sum().backward()
+        model.eval()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    gradients = lora_gradients()
+    assert not backward_passes
+    assert max(g.abs().max().item() for g in gradients.values()) > 0
+    model.enable_input_require_grads()  # what gradient_checkpointing_enable leaves on by itself
+    with_vision_backward = lora_gradients()
+    assert len(backward_passes) == len(model.base_model.model.model.visual.blocks)
+    for name, gradient in gradients.items():
+        assert torch.equal(gradient, with_vision_backward[name]), name

@@ -101,6 +101,8 @@ def test_decision_reward_and_group_advantages():
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 4)
     assert rlvr.group_advantages(rewards) == pytest.approx([(r - mean) / (std + 1e-8) for r in rewards])
     assert rlvr.group_advantages([-1.0] * 8) == [0.0] * 8
+    # equal shaped rewards whose float mean is not exactly each of them: still exact zeros
+    assert sum([0.1] * 3) / 3 != 0.1 and rlvr.group_advantages([0.1] * 3) == [0.0] * 3
 
 
 @pytest.mark.parametrize("text, parsed, reward", [
@@ -513,3 +515,40 @@ def test_colour_check_ceiling_by_hand():
     assert evaluate.colour_check_accuracy(games[2:3], 4) == 0.25
     assert evaluate.colour_check_accuracy(games[3:], 4) == 0.0
     assert evaluate.colour_check_accuracy(games, 4) == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
+
+
+def test_more_iterations_on_resume_keep_the_learning_rate_falling():
+    """A 10-iteration run resumed after iteration 10 (and another after 4) with --iterations 20:
+    the rates already used are kept, the new ones fall from the last one to 0 without jumping back
+    up (stretching the cosine to 20 did: 3.0e-6 at iteration 10, then 5.9e-5), and one line says so."""
+    cfg = SimpleNamespace(lr=1e-4, iterations=10)
+    fresh = {"iteration": 0}
+    assert trainer.extend_schedule(fresh, cfg) is None and fresh["lr_schedule"] == {"horizon": 10}
+    rates = [trainer.learning_rate(k, cfg, fresh["lr_schedule"]) for k in range(1, 11)]
+    assert rates[0] == 1e-4 and max(rates) == 1e-4 and rates[-1] < 1e-5  # warm-up of 1, then the cosine
+    for done in (10, 4):
+        state = {"iteration": done, "lr_schedule": {"horizon": 10}}
+        longer = SimpleNamespace(lr=1e-4, iterations=20)
+        note = trainer.extend_schedule(state, longer)
+        assert note.startswith("--iterations 20 extends this run's schedule of 10 iterations")
+        assert f"(iteration {done})" in note
+        after = [trainer.learning_rate(k, longer, state["lr_schedule"]) for k in range(done + 1, 21)]
+        assert all(a > b > 0 for a, b in zip([rates[done - 1]] + after, after))  # falling, never 0 before the end
+        assert trainer.extend_schedule(state, longer) is None  # the same --iterations again: nothing changes
+    assert trainer.extend_schedule({"iteration": 3, "lr_schedule": {"horizon": 10}}, SimpleNamespace(lr=1e-4, iterations=5)) is None
+
+
+@pytest.mark.slow
+def test_alternate_schedule_trains_both_stages_in_one_process(tiny_model, pairs_dir, tmp_path):
+    """--schedule alternate: one rlvr.py process plays decision, clue, decision, clue (the released
+    code's switch after every step), and a resume continues in the stage it stopped before."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, "rlvr.py", "--model", tiny_model, "--data", pairs_dir, "--out", out, "--games", "2",
+            "--rounds", "1", "--samples", "2", "--max-new-tokens", "4", "--lora-rank", "4", "--schedule", "alternate"]
+    first = run([*args, "--iterations", "3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("stage, config:") == 1  # one process, one model load
+    second = run([*args, "--iterations", "4"])  # the run now stands in the clue stage: rlvr.py still takes it
+    assert second.returncode == 0, second.stderr[-2000:]
+    stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert stages == ["decision", "clue", "decision", "clue"]

@@ -8,12 +8,18 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 import zlib
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoints
 import make_games
 import selfplay
+import trainer
 import vqa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -207,3 +213,58 @@ def test_bad_input_fails_with_one_line(data, pairs_dir, tiny_model, tmp_path):
     photos = run(["--data", pairs_dir, "--out", str(tmp_path / "photos"), "--model", tiny_model])
     assert photos.returncode == 0 and "all photo pairs" in photos.stdout  # run.sh goes on to the report
     assert not (tmp_path / "photos" / "vqa.json").exists()
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that the operations inside it create while they are alive,
+    and their peak: what a computation adds to the memory it starts with (weights included, the
+    bf16 copies that autocast caches of weights that require grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and not tensor._is_view():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() and storage.data_ptr() not in self.storages:
+                    self.storages.add(storage.data_ptr())
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(tensor, self.free, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def free(self, pointer, nbytes):
+        self.live -= nbytes
+        self.storages.discard(pointer)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_evaluation_holds_both_models_in_the_run_dtype_without_gradients(tiny_model, data, tmp_path, lora_rank):
+    """A bf16 run (full fine-tune or LoRA): evaluate.py and vqa.py get both models in bf16, no
+    parameter requires grad, no autocast, and generating adds less than half the weights' bytes
+    (activations only). The training set-up of a full fine-tune held fp32 weights under bf16 autocast:
+    2x the weights, and autocast's cached bf16 copy of the trainable one while generating."""
+    cfg = SimpleNamespace(model=tiny_model, lora_rank=lora_rank, device="cpu", dtype=torch.bfloat16,
+                          gradient_checkpointing=False, players=4, rounds=1, spy_image="modified",
+                          temperature=1.0, max_new_tokens=2)
+    policy, processor = trainer.build_policy(cfg)
+    out = str(tmp_path / "run")
+    checkpoints.save_checkpoint(out, policy, processor, torch.optim.AdamW(
+        [p for p in policy.model.parameters() if p.requires_grad]), {"iteration": 1, "stage": "decision"})
+    checkpoints.write_json_atomic(os.path.join(out, "config.json"), {**vars(cfg), "dtype": "bfloat16"})
+    trained, initial, processor = trainer.evaluation_policies(checkpoints.load_run_config(out),
+                                                              checkpoints.resume_point(out)[0])
+    parameters = {id(p): p for side in (trained, initial) for p in side.model.parameters()}.values()
+    assert not [p for p in parameters if p.requires_grad]
+    assert {p.dtype for p in parameters} == {torch.bfloat16}
+    assert trained.autocast is None and initial.autocast is None
+    weights = sum(p.numel() for p in parameters) * 2  # bytes in bf16
+    pair = selfplay.read_pairs(data["cells"], "train")[0]
+    turn = selfplay.Turn(0, 0, selfplay.chat(processor, "Describe the picture."), selfplay.load_image(pair["original"]))
+    with LiveTensorBytes() as counted:
+        torch.manual_seed(0)
+        selfplay.generate(trained, processor, [turn], cfg)
+    assert counted.peak < 0.5 * weights, f"generating added {counted.peak / weights:.2f} x the bf16 weights"

@@ -24,7 +24,8 @@ comes next:
            regardless.
 
 When the schedule says to change stage, the checkpoint records the new stage and the script
-exits; run.sh then starts the other script on the same --out folder. The stage scripts call
+exits; run.sh then starts the other script on the same --out folder (--schedule alternate, which
+switches every iteration, trains both stages in one process instead). The stage scripts call
 main() with both stages' modules (their scoring and sample functions), so this file imports
 neither of them. Started by hand:
 
@@ -115,17 +116,65 @@ def update_decision_emas(state, acc, na, cfg):
     state["acc_ema"], state["na_ema"] = state["acc_ema_raw"] / scale, state["na_ema_raw"] / scale
 
 
-def learning_rate(iteration, cfg):
-    """Cosine schedule with 10% linear warm-up over the run's --iterations (1-based iteration)."""
-    warmup = max(1, math.ceil(0.1 * cfg.iterations))
+def learning_rate(iteration, cfg, schedule=None):
+    """The learning rate of a 1-based iteration: cosine with 10% linear warm-up over the run's
+    horizon, schedule["horizon"] (the --iterations it started with; default cfg.iterations). After
+    a resume with a larger --iterations (extend_schedule) the schedule also holds "from" and "lr":
+    from that iteration on, the rate falls by a cosine from the rate it had there to 0 at the new
+    horizon, instead of stretching the whole cosine, which would throw it back up."""
+    schedule = schedule or {"horizon": cfg.iterations}
+    if "from" in schedule:
+        done, horizon = iteration - schedule["from"], schedule["horizon"] - schedule["from"] + 1
+        return schedule["lr"] * 0.5 * (1 + math.cos(math.pi * done / horizon))
+    horizon = schedule["horizon"]
+    warmup = max(1, math.ceil(0.1 * horizon))
     step = iteration - 1
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.iterations - warmup)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, horizon - warmup)))
+
+
+def extend_schedule(state, cfg):
+    """The learning-rate schedule of a run (kept in state["lr_schedule"]): a fresh run's horizon is
+    its --iterations. A resume with more --iterations keeps what was done and decays from the
+    current rate to 0 at the new end; a resume with fewer stops early on the same schedule. Returns
+    a one-line note when the schedule changed, else None."""
+    schedule = state.setdefault("lr_schedule", {"horizon": cfg.iterations})  # a checkpoint from before it was kept: as before
+    if cfg.iterations <= schedule["horizon"]:
+        return None
+    done = state["iteration"]
+    rate = learning_rate(done, cfg, schedule) if done else cfg.lr
+    state["lr_schedule"] = {"horizon": cfg.iterations, "from": done, "lr": rate} if done else {"horizon": cfg.iterations}
+    if not done:
+        return None
+    return (f"--iterations {cfg.iterations} extends this run's schedule of {schedule['horizon']} iterations: the learning rate "
+            f"falls from {rate:.3g} (iteration {done}) to 0 at iteration {cfg.iterations}, without a new warm-up")
 
 
 # -----------------------------------------------------------------------------
 # One optimiser step on a stage's samples
+
+
+def filler_turn(processor):
+    """A turn that trains nothing (its loss is multiplied by 0), for a rank with fewer micro-batches
+    than another: FSDP2 needs every rank in every forward and backward, DDP in the backward that
+    synchronises. A white picture and one pad token: it runs the vision tower and every layer."""
+    from PIL import Image
+    pad = processor.tokenizer.pad_token_id
+    return selfplay.Turn(-1, -1, selfplay.chat(processor, ""), Image.new("RGB", (56, 56), "white"), completion_ids=[pad])
+
+
+def micro_batches(n_turns, cfg):
+    """Per optimiser step, the index lists of its micro-batches, padded with empty lists (filler
+    turns) to the most that any rank has: every rank runs the same number of passes, even one
+    with no turns at all (a short batch). One process: no padding."""
+    size = max(1, math.ceil(n_turns / cfg.minibatches))
+    minibatches = [list(range(s, min(s + size, n_turns))) for s in range(0, n_turns, size)] or [[]]
+    chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
+    steps = distributed.maximum(len(chunks))
+    chunks += [[] for _ in range(steps - len(chunks))]
+    passes = distributed.maximum(max(len(c) for c in chunks))
+    return [c + [[] for _ in range(passes - len(c))] for c in chunks]
 
 
 def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
@@ -133,45 +182,55 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     accumulated over micro-batches, clipped and skipped if not finite.
     Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
     skipped, the share of completion tokens where the clip bound, and their mean entropy.
-    Under torchrun `turns` are this rank's; the loss and every metric are over all ranks' sequences."""
+    Under torchrun `turns` are this rank's (possibly none); the loss and every metric are over all
+    ranks' sequences."""
     model = policy.model
     n_global = distributed.total(len(turns))
-    size = math.ceil(len(turns) / cfg.minibatches)
-    minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
-    chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
+    steps = micro_batches(len(turns), cfg)
+    filler = filler_turn(processor)
+
+    def batch(chunk):  # (turns, advantages) of a micro-batch; an empty one is the filler, whose loss counts 0 times
+        return ([turns[i] for i in chunk], [advantages[i] for i in chunk]) if chunk else ([filler], [0.0])
+
     # the log-probs of the policy that sampled: after the first step the weights differ, so the
     # ratio of Eq. 3 moves away from 1 and the clip binds (PPO). One step needs no extra pass.
     old_logps = {}
-    if len(minibatches) > 1:
+    if len(steps) > 1:
         with torch.no_grad():
-            for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
-                inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
-                with policy.active():
-                    old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
+            for s, step_chunks in enumerate(steps[1:], 1):
+                for c, chunk in enumerate(step_chunks):
+                    inputs, ids, _ = selfplay.completion_batch(processor, batch(chunk)[0], model.device)
+                    with policy.active():
+                        old_logps[s, c] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
-    for mb, mb_chunks in zip(minibatches, chunks):
+    for s, step_chunks in enumerate(steps):
         optimizer.zero_grad(set_to_none=True)
-        step_loss, mb_global = 0.0, distributed.total(len(mb))
-        for chunk in mb_chunks:
-            distributed.sync_gradients(model, chunk is mb_chunks[-1])  # once per step, not per micro-batch
-            adv = torch.tensor([advantages[i] for i in chunk], device=model.device)
-            inputs, ids, mask = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
+        step_loss, mb_global = 0.0, distributed.total(sum(len(chunk) for chunk in step_chunks))
+        for c, chunk in enumerate(step_chunks):
+            # DDP: micro-batches accumulate locally, the last one all-reduces; FSDP2 reduce-scatters
+            # every one, so that a rank never holds more than its shard of the gradients
+            distributed.sync_gradients(model, c == len(step_chunks) - 1)
+            chunk_turns, chunk_advantages = batch(chunk)
+            adv = torch.tensor(chunk_advantages, device=model.device)
+            inputs, ids, mask = selfplay.completion_batch(processor, chunk_turns, model.device)
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
                 with torch.no_grad(), reference.active():
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
             with policy.active():
                 logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
-            old_logp = old_logps.get(chunk[0], logp.detach())
+            old_logp = old_logps.get((s, c), logp.detach())
             loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
+            (loss * len(chunk) / max(mb_global, 1) * distributed.world_size()).backward()
+            if not chunk:
+                continue
             ratio = torch.exp(logp.detach() - old_logp)
             tokens += mask.sum().item()
             clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
             entropy += (token_entropy * mask).sum().item()
-            # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
-            (loss * len(chunk) / mb_global * distributed.world_size()).backward()
             step_loss += loss.item() * len(chunk) / mb_global
             if ref_logp is not None:
                 total_kl += sequence_mean(k3_kl(logp.detach(), ref_logp), mask).sum().item() / n_global
@@ -186,7 +245,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         else:  # one bad batch must not poison the weights: drop it and say so in the metrics
             skipped = True
         optimizer.zero_grad(set_to_none=True)
-        total_loss += step_loss * mb_global / n_global
+        total_loss += step_loss * mb_global / max(n_global, 1)
     model.eval()
     tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
     return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
@@ -224,6 +283,10 @@ def build_policy(cfg, checkpoint=None):
         model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks every input embedding, the vision tower's patch embedding too, to
+        # output a tensor that requires grad: with LoRA every pass then recomputed and back-propagated
+        # the whole frozen vision tower for nothing. Non-reentrant checkpointing needs no such input.
+        model.disable_input_require_grads()
     return selfplay.Policy(distributed.wrap(model, cfg).eval(), autocast=autocast), processor
 
 
@@ -237,6 +300,23 @@ def reference_policy(policy, cfg):
     return selfplay.Policy(distributed.wrap_reference(frozen, cfg), autocast=policy.autocast)
 
 
+def evaluation_policies(cfg, checkpoint):
+    """(trained, initial, processor) for evaluate.py and vqa.py: both models in the run's --dtype,
+    eval mode, no parameter requiring grad and no autocast. At 7B that is two bf16 copies (2 x 16.6
+    GB); the training set-up of a full fine-tune (fp32 master weights under bf16 autocast, which
+    also caches a bf16 copy of every weight that requires grad) needed about 83 GB. A LoRA run's
+    adapter is cast to --dtype with its base, and switched off for the initial model."""
+    from peft import PeftModel
+    processor = selfplay.load_processor(cfg.model)
+    if cfg.lora_rank > 0:
+        base = selfplay.load_model(cfg.model, cfg.device, cfg.dtype)
+        trained = PeftModel.from_pretrained(base, checkpoint).to(cfg.dtype).eval().requires_grad_(False)
+        return selfplay.Policy(trained), selfplay.Policy(trained, adapter=False), processor
+    trained, initial = (selfplay.load_model(path, cfg.device, cfg.dtype).eval().requires_grad_(False)
+                        for path in (checkpoint, cfg.model))
+    return selfplay.Policy(trained), selfplay.Policy(initial), processor
+
+
 def fresh_state(cfg, baselines):
     return {"iteration": 0, "stage": "clue" if cfg.schedule == "clue" else "decision", "dwell": 0,
             "acc_ema": 0.0, "na_ema": 0.0, "acc_ema_raw": 0.0, "na_ema_raw": 0.0, "ema_steps": 0,
@@ -245,13 +325,20 @@ def fresh_state(cfg, baselines):
 
 def batch_pairs(pairs, iteration, cfg):
     """The pairs of an iteration: consecutive slices of a per-epoch shuffle, so every pair is used
-    once per epoch and a resumed run plays exactly the games an uninterrupted one would."""
-    chosen = []
-    for k in range((iteration - 1) * cfg.games, iteration * cfg.games):
+    once per epoch and a resumed run plays exactly the games an uninterrupted one would. A pair
+    whose images do not decode is replaced by the next one after the batch in that order that
+    does (selfplay.decodable_pairs): the batch keeps its --games games."""
+    orders = {}
+
+    def at(k):  # the k-th pair of the run's sequence of epochs
         epoch, position = divmod(k, len(pairs))
-        order = random.Random(f"{cfg.seed}-epoch-{epoch}").sample(range(len(pairs)), len(pairs))
-        chosen.append(pairs[order[position]])
-    return chosen
+        if epoch not in orders:
+            orders[epoch] = random.Random(f"{cfg.seed}-epoch-{epoch}").sample(range(len(pairs)), len(pairs))
+        return pairs[orders[epoch][position]]
+
+    end = iteration * cfg.games
+    spares = (at(k) for k in range(end, end + len(pairs)))
+    return selfplay.decodable_pairs([at(k) for k in range(end - cfg.games, end)], spares)
 
 
 def parse_args(stage):
@@ -296,12 +383,16 @@ def parse_args(stage):
     p.add_argument("--patience", type=int, default=20, help="P: iterations after which the stage switches regardless")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on the text model (0 = full fine-tune with a frozen reference copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, ~30%% slower)")
-    p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
+    p.add_argument("--save-every", type=int,
+                   help="save a checkpoint every this many iterations (and at every exit); default 1 with LoRA (an adapter), "
+                   "10 for full fine-tuning, whose checkpoint is the fp32 model and its AdamW state (~100 GB at 7B)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
+    if cfg.save_every is None:
+        cfg.save_every = 1 if cfg.lora_rank > 0 else 10
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr is None:
@@ -361,13 +452,19 @@ def main(stage, clue_stage, decision_stage):
         if "updates" not in state["baselines"]:  # a checkpoint from before the RAE bias correction
             state["baselines"]["updates"] = checkpoints.clue_iterations_logged(os.path.join(cfg.out, "metrics.jsonl"),
                                                                    state["iteration"])
+    schedule_note = extend_schedule(state, cfg)
+    if schedule_note and distributed.is_main():
+        print(schedule_note)
     if state["iteration"] >= cfg.iterations:
         if distributed.is_main():
             print(f"{cfg.out} has done {state['iteration']} of {cfg.iterations} iterations: nothing to do")
         return
-    if state["stage"] != stage:
+    if state["stage"] != stage and cfg.schedule != "alternate":
         script = "spo.py" if state["stage"] == "clue" else "rlvr.py"
         sys.exit(f"error: the run in {cfg.out} is in the {state['stage']} stage: run `python {script}` with the same flags, or `bash run.sh`")
+    # --schedule alternate changes stage every iteration: both stages train in this one process,
+    # rather than a new process loading the model for every iteration
+    stage = state["stage"]
     pairs = selfplay.read_pairs(cfg.data, "train", domain=cfg.domain)
     if not pairs:
         sys.exit(f"error: no readable training pairs in {cfg.data}; make some with `python make_games.py --out {cfg.data}`")
@@ -382,7 +479,7 @@ def main(stage, clue_stage, decision_stage):
     reference = reference_policy(policy, cfg) if cfg.kl > 0 else None  # no reference pass when the KL term is off
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     if checkpoint:
-        distributed.load_optimizer(policy.model, optimizer, torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
+        distributed.load_optimizer(policy.model, optimizer, os.path.join(checkpoint, "optimizer.pt"))
 
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
@@ -394,9 +491,10 @@ def main(stage, clue_stage, decision_stage):
         rng = random.Random(f"{cfg.seed}-{iteration}")
         # sampling is a function of (seed, iteration, rank): resumes replay exactly
         torch.manual_seed(rng.randrange(2**31) + distributed.rank())
-        pairs_now = selfplay.decodable_pairs(batch_pairs(pairs, iteration, cfg))
-        if not pairs_now:
-            sys.exit(f"error: no image of iteration {iteration}'s pairs decodes; check the images in {cfg.data}")
+        pairs_now = batch_pairs(pairs, iteration, cfg)
+        if len(pairs_now) < distributed.world_size() or not pairs_now:  # every rank needs a game
+            sys.exit(f"error: only {len(pairs_now)} pairs of {cfg.data} decode, too few for iteration {iteration}'s "
+                     f"{cfg.games} games on {distributed.world_size()} processes; check the images in {cfg.data}")
         spy_seats = [rng.randrange(cfg.players) for _ in pairs_now]
         mine = distributed.my_share(len(pairs_now))  # all of them in one process
         own_pairs, own_seats = pairs_now[mine], spy_seats[mine]
@@ -416,7 +514,7 @@ def main(stage, clue_stage, decision_stage):
         else:
             turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
-        lr = learning_rate(iteration, cfg)
+        lr = learning_rate(iteration, cfg, state["lr_schedule"])
         step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
         updated = time.time()
 
@@ -443,7 +541,8 @@ def main(stage, clue_stage, decision_stage):
                 f.write(json.dumps(metrics) + "\n")
         if following != stage:
             state["stage"], state["dwell"] = following, 0
-        finished = following != stage or state["iteration"] >= cfg.iterations
+        handover = following != stage and cfg.schedule != "alternate"  # the other stage script takes over
+        finished = handover or state["iteration"] >= cfg.iterations
         if finished or iteration % cfg.save_every == 0:
             checkpoints.save_checkpoint(cfg.out, policy, processor, optimizer, state)
         if step["skipped_update"] and distributed.is_main():
@@ -452,6 +551,7 @@ def main(stage, clue_stage, decision_stage):
         bar.set_postfix(acc=f"{batch['acc']:.2f}", acc_ema=f"{state['acc_ema']:.2f}", na=f"{batch['na']:.2f}", next=following)
         if finished:
             break
+        stage = following
     bar.close()
     if distributed.is_main():
         print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")

@@ -310,13 +310,13 @@ def models_to_score(args):
         processor = selfplay.load_processor(args.model)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        return {"model": (selfplay.Policy(selfplay.load_model(args.model, device, dtype).eval()), args.model)}, processor
+        return {"model": (selfplay.Policy(selfplay.load_model(args.model, device, dtype).eval().requires_grad_(False)), args.model)}, processor
     cfg, checkpoint = checkpoints.load_run_config(args.out), checkpoints.resume_point(args.out)[0]
     if cfg is None or checkpoint is None:
         sys.exit(f"error: {args.out} is not a trained run (no config.json or no checkpoint); "
                  "train it first, or give --model to score one model")
-    trained, processor = trainer.build_policy(cfg, checkpoint)
-    return {"initial": (trainer.reference_policy(trained, cfg), cfg.model), "trained": (trained, checkpoint)}, processor
+    trained, initial, processor = trainer.evaluation_policies(cfg, checkpoint)
+    return {"initial": (initial, cfg.model), "trained": (trained, checkpoint)}, processor
 
 
 def main():
