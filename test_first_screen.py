@@ -222,20 +222,26 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tiny_model, pairs_dir, tmp_path
 
 def test_trackio_scalars_equal_metrics_jsonl(tiny_model, pairs_dir, tmp_path):
     pytest.importorskip("trackio")
-    from trackio.sqlite_storage import SQLiteStorage
-    env = {"TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    env = {"TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}  # a local project, no network
     metrics = train_two_iterations(tiny_model, pairs_dir, tmp_path / "run", "trackio", **env)
-    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]  # where the reading below looks (read at call time)
-    try:
-        import trackio.utils
-        trackio.utils.TRACKIO_DIR = trackio.sqlite_storage.TRACKIO_DIR = type(trackio.utils.TRACKIO_DIR)(env["TRACKIO_DIR"])
-        logs = SQLiteStorage.get_logs("vision-zero", "run")
-    finally:
-        del os.environ["TRACKIO_DIR"]
+    read = run([sys.executable, "-c", "import json; from trackio.sqlite_storage import SQLiteStorage; "
+                "print(json.dumps(SQLiteStorage.get_logs('vision-zero', 'run'), default=str))"], **env)
+    logs = json.loads(read.stdout.strip().splitlines()[-1])
     logged = {(row["step"], k): v for row in logs for k, v in row.items() if isinstance(v, (int, float))
               and not isinstance(v, bool) and k != "step"}
     for key, value in expected_scalars(metrics).items():
         assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert sum("games" in row for row in logs) == 2  # the table of games, once per iteration
+
+
+def test_wandb_offline_logs_one_run_with_its_games_tables(tiny_model, pairs_dir, tmp_path):
+    pytest.importorskip("wandb")
+    train_two_iterations(tiny_model, pairs_dir, tmp_path / "run", "wandb", WANDB_MODE="offline", WANDB_SILENT="true")
+    run_id = json.load(open(tmp_path / "run" / "tracking.json"))["wandb_id"]
+    runs = [name for name in os.listdir(tmp_path / "run" / "wandb") if name.startswith("offline-run-")]
+    assert len(runs) == 1 and runs[0].endswith(run_id)  # what `wandb sync` uploads
+    tables = os.listdir(tmp_path / "run" / "wandb" / runs[0] / "files" / "media" / "table")
+    assert sorted(name.split("_")[1] for name in tables) == ["0", "1"]  # a games table per iteration
 
 
 def test_a_missing_tracker_package_is_one_line(monkeypatch, tmp_path):
