@@ -258,7 +258,6 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, tmp_path):
 
 
 def test_model_card_numbers_equal_eval_and_vqa(tiny_model, pairs_dir, tmp_path):
-    import export
     out = tmp_path / "run"
     train_two_iterations(tiny_model, pairs_dir, out, "none")
     evaluation = {"games": 200, "win_rate": 0.815, "win_rate_ci95": [0.7551, 0.8631], "decision_acc": 0.7362,

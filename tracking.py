@@ -57,13 +57,14 @@ def vote_text(record):
 
 
 def pictures(record):
-    """(what the civilians see, what the spy sees) as RGB arrays; the blank picture as white."""
+    """(what the civilians see, what the spy sees) as RGB arrays of one size (imported photo pairs
+    may differ: the spy's is resized), so that they sit side by side; the blank picture as white."""
     with Image.open(record["original"]) as image:
-        original = np.asarray(image.convert("RGB"))
+        original = image.convert("RGB")
     if record.get("spy_image") == "blank":
-        return original, np.full_like(original, 255)
+        return np.asarray(original), np.full_like(np.asarray(original), 255)
     with Image.open(record["modified"]) as image:
-        return original, np.asarray(image.convert("RGB"))
+        return np.asarray(original), np.asarray(image.convert("RGB").resize(original.size))
 
 
 class Tracker:
