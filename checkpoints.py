@@ -12,6 +12,8 @@ or a damaged file later never loses the run.
 
 On resume, the newest checkpoint that reads back whole is used (resume_point); run.sh asks the
 same function where the run stands (`python -c "import checkpoints; print(checkpoints.progress(OUT))"`).
+Before anything, run.sh has check_run_folder refuse an OUT that holds files no run wrote, or a
+run of another MODEL or DATA, so that it never writes over somebody else's folder.
 """
 import argparse
 import json
@@ -27,6 +29,11 @@ import jsonl
 import selfplay
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
+# what the project writes into a run folder: trainer.py, evaluate.py, vqa.py, report.py, the
+# trackers of tracking.py, and the .tmp files of atomic writes
+RUN_FOLDER_NAMES = re.compile(r"config\.json|metrics\.jsonl|games|latest|ckpt-\d+|eval\.json|eval_games\.jsonl|"
+                              r"vqa\.json|vqa_questions\.jsonl|vqa_answers\.jsonl|report\.html|curves\.png|"
+                              r"tensorboard|wandb|tracking\.json|.*\.tmp")
 
 
 def load_run_config(out):
@@ -46,6 +53,36 @@ def load_run_config(out):
     cfg.dtype = getattr(torch, cfg.dtype.replace("torch.", ""))
     cfg.gradient_checkpointing = False  # only training needs it
     return cfg
+
+
+def run_folder_problem(out, model, data):
+    """None when `out` may be used as the run folder of MODEL on DATA: missing, empty, or a run of
+    the same model and data; otherwise one line that says why not and what to do. Hidden files
+    (an editor's, the OS's) are ignored."""
+    names = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else []) if not n.startswith("."))
+    foreign = [n for n in names if not RUN_FOLDER_NAMES.fullmatch(n)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"{out} holds files no run wrote ({shown}); choose another OUT, or empty it if it is yours to lose"
+    if "config.json" not in names:
+        return None
+    cfg = load_run_config(out)
+    if cfg is None:
+        return f"{out}/config.json is not a run's config; choose another OUT"
+    differ = [f"{name}={given}" for name, saved, given in
+              [("MODEL", getattr(cfg, "model", None), model), ("DATA", getattr(cfg, "data", None), data)]
+              if given and os.path.normpath(str(saved)) != os.path.normpath(given)]
+    if differ:
+        return (f"{out} is a run of MODEL={cfg.model} on DATA={cfg.data}, and this command gives {' and '.join(differ)}; "
+                f"resume it with the same MODEL and DATA, or choose another OUT")
+    return None
+
+
+def check_run_folder(out, model, data):
+    """run_folder_problem as run.sh uses it: one line on stderr and exit status 1."""
+    problem = run_folder_problem(out, model, data)
+    if problem:
+        sys.exit(f"error: {problem}")
 
 
 def write_json_atomic(path, obj):

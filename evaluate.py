@@ -13,12 +13,14 @@ Writes OUT/eval.json: games, win_rate (of the trained model; 0.5 = no better tha
 the win rate on each side, the decision accuracy and N/A rate of each model when it decides.
 The games the trained model decided are then played once more by the initial model on both
 sides: decision_acc_baseline is the start's accuracy in exactly those games (pairs and spy
-seats), so decision_acc - decision_acc_baseline is what training changed. In the cells game with
+seats), so decision_acc - decision_acc_baseline is what training changed; chance (1 / players),
+the standard errors of both over games and the win rate's 95% Wilson interval say how sure it is. In the cells game with
 the edited picture, decision_acc_colour_check is the ceiling of those same games: the accuracy of a
 judge that checks each clue's colour words against its picture (colour_check_accuracy).
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -26,6 +28,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+import cli
 import selfplay
 import checkpoints
 import trainer
@@ -46,8 +49,33 @@ def colour_check_accuracy(games, n_players):
     return right / len(games)
 
 
+def per_game_se(games):
+    """Standard error of a decision accuracy over games: the judge samples of one game share its
+    clues, so the game, not the sample, is the independent unit."""
+    accuracies = [selfplay.decision_stats([g])["acc"] for g in games]
+    if len(accuracies) < 2:
+        return None
+    mean = sum(accuracies) / len(accuracies)
+    return math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1) / len(accuracies))
+
+
+def wilson_interval(wins, n, z=1.96):
+    """95% Wilson score interval of a win rate of `wins` in `n` games."""
+    rate = wins / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def uncertainty(as_civilians, replayed, wins, n_games, n_players):
+    """What the headline numbers mean against chance: a judge voting at random is right 1 / players
+    of the time; standard errors of both accuracies over games; the win rate's 95% interval."""
+    return {"chance": 1 / n_players, "decision_acc_se": per_game_se(as_civilians),
+            "decision_acc_baseline_se": per_game_se(replayed), "win_rate_ci95": wilson_interval(wins, n_games)}
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--out", required=True, help="run folder of a training run (its latest checkpoint is evaluated)")
     p.add_argument("--data", help="pairs folder (default: the run's); only its held-out split is played")
     p.add_argument("--games", type=int, default=100, help="games to play, half with the trained model as the civilians")
@@ -113,6 +141,7 @@ def main():
         "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
         "seed": args.seed,
     }
+    result.update(uncertainty(as_civilians, replayed, civilian_wins + spy_wins, len(games), cfg.players))
     checkpoints.write_json_atomic(os.path.join(args.out, "eval.json"), result)
     with open(os.path.join(args.out, "eval_games.jsonl"), "w") as f:
         for game, t in zip(games, trained_civilians):

@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import cli
 from clevr_render import CLEVR_COLOURS, CLEVR_SHAPES, box_blur, object_geometry, render_clevr, sample_scene
 
 matplotlib.use("Agg")  # draw off-screen, the same on every machine
@@ -565,7 +566,8 @@ def make_pair(index):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description="Make 'Who is the spy?' image pairs for Vision-Zero.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Make 'Who is the spy?' image pairs for Vision-Zero.",
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--domain", required=True, choices=["clevr", "chart", "photo", "cells"], help="kind of images to make")
     parser.add_argument("--n", type=int, help="number of pairs (default with --src: one per photo; --pairs: all)")
     parser.add_argument("--out", required=True, help="output folder; existing files of the same name are overwritten")

@@ -36,6 +36,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AddedToken, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
 
+import cli
 import selfplay
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -192,7 +193,7 @@ def build(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--out", default="tiny-vlm", help="folder to write the model, its tokenizer and processor to")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                         help="layer shapes: tiny (0.2M parameters) or 7b (Qwen2.5-VL-7B's; cut depth with --layers/--vision-depth)")

@@ -6,10 +6,13 @@ report.py: turn a Vision-Zero run folder into one self-contained HTML page.
 writes runs/demo/report.html and runs/demo/curves.png. The page opens from disk with no server
 and no network: the curves and the image thumbnails are embedded as data URIs, and the little
 script that drives the game browser is written into the page itself. It shows, top to bottom:
-the evaluation (eval.json), the answers to questions about held-out pictures (vqa.json), the
-config (config.json), the training curves with the stages shaded and the switching thresholds of
-the schedule drawn in, a browser over the games that were played, and a table of every logged
-metric.
+the headline (headline(): the judge's accuracy before -> after against chance with standard
+errors, the win rate against the initial model with its 95% interval, what the game lets a judge
+learn; run.sh prints the same lines), the training curves with the stages shaded and the
+switching thresholds of the schedule drawn in, a browser over the games that were played, then
+the details: every eval.json number with its meaning, the answers to questions about held-out
+pictures (vqa.json; folded when the initial model does no better than chance), the config and a
+table of every logged metric.
 
 Big runs stay quick to open: every metric is embedded, but only the games of --max-iterations
 iterations (evenly spaced, first and last included), --games-per-iteration each, and an image
@@ -32,6 +35,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from PIL import Image
 
+import cli
 import jsonl
 
 STAGE_COLORS = {"decision": "#4c72b0", "clue": "#dd8452"}
@@ -90,6 +94,99 @@ def read_json(path):
             return json.load(f), None
     except (OSError, ValueError) as e:
         return None, f"unreadable ({e})"
+
+
+# every key evaluate.py writes to eval.json, with what it means (the README's eval.json paragraph)
+EVAL_FIELDS = {
+    "games": "held-out games played, half with the trained model as the civilians (who also judge)",
+    "win_rate": "the trained model's share of wins against the initial one (0.5: no change; the paper: 0.71)",
+    "win_rate_ci95": "95% Wilson interval of win_rate over the games",
+    "win_rate_civilian_side": "win rate in the games where the trained model plays the civilians and judges",
+    "win_rate_spy_side": "win rate in the games where the trained model plays the spy",
+    "decision_acc": "share of the trained judge's votes that name the spy (in the games it judged)",
+    "decision_acc_se": "standard error of decision_acc over games",
+    "decision_acc_baseline": "the initial model judging the very same games (pairs and spy seats): "
+                             "decision_acc - decision_acc_baseline is what training changed",
+    "decision_acc_baseline_se": "standard error of decision_acc_baseline over games",
+    "chance": "accuracy of a judge voting for a random player: 1 / players",
+    "decision_acc_reference": "the initial model's accuracy when it judges the other half of the games, "
+                              "against the trained model as the spy",
+    "na_rate": "share of the trained judge's votes that say N/A",
+    "na_rate_reference": "the same for the initial model, in the other half of the games",
+    "invalid_vote_rate": "share of the trained judge's votes that do not parse",
+    "decision_acc_colour_check": "cells game with the edited picture only: the accuracy of a judge that "
+                                 "checks every clue's colour against its picture, in the same games (the ceiling)",
+    "trained": "the checkpoint evaluated", "reference": "the initial model (--model)", "data": "the pairs folder",
+    "held_out_pairs": "held-out pairs the games were drawn from", "seed": "seed of pairs, spy seats and sampling",
+}
+
+
+def number(value):
+    """A float of eval.json, or None for anything else (a hand-edited or damaged file)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def with_se(value, se):
+    return f"{value:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def headline(evaluation, config, metrics):
+    """What the run found, in a few sentences a reader of the paper follows: the judge's accuracy
+    before -> after against chance, the win rate against the initial model, what this game lets a
+    judge learn, and the training curve in two numbers. run.sh prints it; the report opens with it.
+    Returns (title, sentences)."""
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
+    after, before = number(evaluation.get("decision_acc")), number(evaluation.get("decision_acc_baseline"))
+    win, games = number(evaluation.get("win_rate")), evaluation.get("games")
+    chance = number(evaluation.get("chance")) or 1 / (number(config.get("players")) or 4)
+    sentences = []
+    if after is None or before is None or win is None:
+        title = "No evaluation yet"
+        sentences.append("No eval.json in this run folder yet: `python evaluate.py --out RUN` plays the held-out games.")
+    else:
+        title = f"Judge accuracy {before:.3f} → {after:.3f} (chance {chance:.3f}) · win rate {win:.3f}"
+        judged = games // 2 if isinstance(games, int) else "the"
+        sentences.append(
+            f"In {judged} held-out games, the trained judge named the spy in {with_se(after, number(evaluation.get('decision_acc_se')))} "
+            f"of its votes; the initial model, judging the same games: {with_se(before, number(evaluation.get('decision_acc_baseline_se')))} "
+            f"(a judge voting at random: {chance:.3f}).")
+        interval = evaluation.get("win_rate_ci95")
+        shown = (f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})"
+                 if isinstance(interval, list) and len(interval) == 2 and all(number(v) is not None for v in interval) else "")
+        sentences.append(f"Win rate against the initial model: {win:.3f} of {games} games{shown}; "
+                         f"0.5 means no change (the paper reports 0.71 for Qwen2.5-VL-7B).")
+        invalid = number(evaluation.get("invalid_vote_rate"))
+        if invalid is not None and invalid >= 0.5:
+            sentences.append(f"{invalid:.0%} of the trained judge's votes do not parse: a model that cannot write a "
+                             "vote gets no reward signal, so nothing could be learned (a random model, as in QUICK=1).")
+    if config.get("spy_image") == "blank":
+        sentences.append("In this game the spy sees a blank picture and its clues say so: a judge can find it by "
+                         "reading the clues, without looking at the picture, so a gain here is learning to read the "
+                         "clues, not to see.")
+    elif config.get("spy_image") == "modified":
+        ceiling = number(evaluation.get("decision_acc_colour_check"))
+        sentences.append("In this game the spy sees an edited copy of the picture: to find it the judge must compare "
+                         "what the players say with what it sees" +
+                         (f"; a judge checking every clue's colour against its picture would score {ceiling:.3f} "
+                          "in the same games." if ceiling is not None else "."))
+    accuracies = [row["acc"] for row in metrics if number(row.get("acc")) is not None]
+    if accuracies:
+        first, last = accuracies[:5], accuracies[-5:]
+        sentences.append(f"In training games the judge's accuracy went from {sum(first) / len(first):.3f} (first "
+                         f"{len(first)} iterations) to {sum(last) / len(last):.3f} (last {len(last)}), over "
+                         f"{len(metrics)} iterations; the curves below show it.")
+    return title, sentences
+
+
+def vqa_not_taught(result):
+    """True when the initial model answers vqa.py's questions no better than chance: it was never
+    taught to answer them, and the comparison measures nothing."""
+    overall = result.get("overall") if isinstance(result, dict) else None
+    models = list(result.get("models") or {}) if isinstance(result, dict) else []
+    if not isinstance(overall, dict) or not models or not isinstance(overall.get(models[0]), dict):
+        return False
+    accuracy = number(overall[models[0]].get("accuracy"))
+    return accuracy is not None and accuracy <= (number(overall.get("chance")) or 0.0)
 
 
 def draw_curves(metrics, config):
@@ -338,7 +435,12 @@ def render_vqa(out_dir, thumbnails, examples=6):
                        f"{'right' if answer_of(given, m).get('correct') else 'wrong'}</div>" for m in models)
         blocks.append(f'<div class="game"><div class="pair">{"".join(figures)}<div><pre>{esc(q.get("question"))}</pre>'
                       f"<div>answer: {esc(q.get('answer'))} ({esc(q.get('kind'))})</div>{said}</div></div></div>")
-    return table + note + "".join(blocks)
+    body = table + note + "".join(blocks)
+    if vqa_not_taught(result):  # folded: the numbers say nothing about seeing
+        return ("<details><summary>Folded: the initial model answers these questions no better than chance; it was "
+                "never taught to answer them, so this section measures nothing about seeing here.</summary>"
+                f"{body}</details>")
+    return body
 
 
 def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
@@ -374,11 +476,12 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
 
     stages = [row.get("stage") for row in metrics]
     switches = sum(a != b for a, b in zip(stages, stages[1:]))
-    last = metrics[-1]
-    summary = (f"{len(metrics)} iterations logged, {switches} stage switches, last stage: {esc(last.get('stage'))}; "
-               f"last acc_ema {fmt(last.get('acc_ema'))}, na_ema {fmt(last.get('na_ema'))}")
+    summary = f"{len(metrics)} iterations logged, {switches} stage switches, last stage: {esc(metrics[-1].get('stage'))}."
+    title, sentences = headline(evaluation, config, metrics)
     if isinstance(evaluation, dict):
-        eval_html = key_value_table(evaluation)
+        eval_html = "<table><tr><th>eval.json</th><th>value</th><th>meaning</th></tr>" + "".join(
+            f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v)) if isinstance(v, (dict, list)) else fmt(v)}</td>"
+            f"<td>{esc(EVAL_FIELDS.get(k, ''))}</td></tr>" for k, v in evaluation.items()) + "</table>"
     else:
         eval_html = "<p>no evaluation yet</p>" if eval_problem == "missing" else f"<p>eval.json {esc(eval_problem)}</p>"
     config_html = key_value_table(config) if config else f"<p>config.json {esc(config_problem or 'is empty')}</p>"
@@ -393,7 +496,8 @@ def build_report(out_dir, max_iterations, games_per_iteration, thumbnail_px):
         if ok else f'<tr><td colspan="{len(columns)}" class="bad">unreadable record</td></tr>'
         for row, ok in zip(logged_rows, readable))
     page = PAGE.format(
-        title=esc(f"Vision-Zero run {os.path.basename(os.path.abspath(out_dir))}"),
+        title=esc(f"Vision-Zero run {os.path.basename(os.path.abspath(out_dir))}"), headline=esc(title),
+        sentences="".join(f"<p>{esc(text)}</p>" for text in sentences),
         path=esc(os.path.abspath(out_dir)), summary=summary, eval_html=eval_html, vqa_html=vqa_html, config_html=config_html,
         curves=base64.b64encode(curves).decode("ascii"), games_note=esc(games_note), options="".join(options),
         games="\n".join(sections), columns="".join(f"<th>{esc(c)}</th>" for c in columns), metric_rows=metric_rows,
@@ -419,6 +523,8 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding
 .game {{ border: 1px solid #ccc; border-radius: 6px; padding: 0.2em 1em 1em; margin: 1em 0; }}
 .pair {{ display: flex; gap: 1.5em; flex-wrap: wrap; }} figure {{ margin: 0; }} figcaption {{ color: #555; }}
 .thumb {{ position: relative; width: 320px; }} .thumb img {{ width: 100%; display: block; }}
+figure img {{ box-sizing: border-box; border: 1px solid #555; }}
+.headline p {{ font-size: 15px; margin: 0.4em 0; }}
 .box {{ position: absolute; border: 2px solid #e00; box-shadow: 0 0 0 1px #fff; }}
 .missing, .blank {{ width: 320px; height: 200px; display: flex; align-items: center; justify-content: center; text-align: center;
   border: 2px dashed #aaa; color: #777; background: #fafafa; overflow-wrap: anywhere; }}
@@ -432,17 +538,11 @@ pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; padd
 .civ {{ color: #1a7f37; }} .spywin {{ color: #c0392b; }} .vote.right {{ color: #1a7f37; font-weight: bold; }} .bad {{ color: #c0392b; }}
 </style></head>
 <body>
-<h1>{title}</h1>
-<div class="path">{path}</div>
-<p>{summary}</p>
-<h2>evaluation</h2>
-{eval_html}
-<h2>seeing: questions about held-out pictures (vqa.py)</h2>
-{vqa_html}
-<h2>config</h2>
-{config_html}
+<h1 id="headline">{headline}</h1>
+<div class="headline">{sentences}</div>
+<div class="path">{title} · {path}</div>
 <h2>curves</h2>
-<p>Background: <span style="color:#4c72b0">decision stage</span> / <span style="color:#dd8452">clue stage</span>;
+<p>{summary} Background: <span style="color:#4c72b0">decision stage</span> / <span style="color:#dd8452">clue stage</span>;
 dashed lines: the thresholds of the stage switching rule.</p>
 <img class="curves" id="curves" alt="training curves" src="data:image/png;base64,{curves}">
 <h2 id="browse">games</h2>
@@ -452,7 +552,14 @@ dashed lines: the thresholds of the stage switching rule.</p>
 <div id="games">
 {games}
 </div>
-<h2>all metrics</h2>
+<h2>details: evaluation (eval.json)</h2>
+{eval_html}
+<h2>details: questions about held-out pictures (vqa.py)</h2>
+{vqa_html}
+<h2>details: config</h2>
+<details><summary>the resolved flags of the run (config.json)</summary>
+{config_html}</details>
+<h2>details: all metrics</h2>
 <details><summary>one row per iteration</summary>
 <div class="metrics"><table id="metrics"><tr>{columns}</tr>{metric_rows}</table></div></details>
 <script type="application/json" id="images">{images}</script>
@@ -505,7 +612,8 @@ document.body.dataset.browseTop = document.getElementById("browse").offsetTop;
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Write OUT_DIR/report.html and OUT_DIR/curves.png for a Vision-Zero run folder.")
+    parser = argparse.ArgumentParser(description="Write OUT_DIR/report.html and OUT_DIR/curves.png for a Vision-Zero run folder.",
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("out_dir", help="the run folder (the --out of rlvr.py / spo.py), with metrics.jsonl in it")
     parser.add_argument("--max-iterations", type=int, default=20, help="embed the games of at most this many iterations, evenly spaced")
     parser.add_argument("--games-per-iteration", type=int, default=8, help="embed at most this many games of each sampled iteration")
@@ -518,6 +626,16 @@ def main():
     with open(report_path, "w", encoding="utf-8") as f:
         f.write(page)
     print(f"wrote {report_path} ({len(page.encode('utf-8')) / 1e6:.2f} MB) and {os.path.join(args.out_dir, 'curves.png')}")
+    print_headline(args.out_dir)
+
+
+def print_headline(out_dir):
+    """The report's headline on the terminal: the last thing run.sh prints before "Done"."""
+    evaluation, _ = read_json(os.path.join(out_dir, "eval.json"))
+    config, _ = read_json(os.path.join(out_dir, "config.json"))
+    title, sentences = headline(evaluation, config if isinstance(config, dict) else {},
+                                jsonl.read_jsonl(os.path.join(out_dir, "metrics.jsonl")))
+    print("\n" + title + "\n" + "\n".join(f"- {text}" for text in sentences))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 #   EVAL_GAMES=0 bash run.sh                      # train only: no evaluation, no report
 #   GPUS=8 bash run.sh                            # one node, 8 processes via torchrun (docs/multi-gpu.md)
 #   PYTHON=.venv/bin/python bash run.sh           # a Python other than python3 on PATH
+#   REPORT_TO=tensorboard bash run.sh             # also log to tensorboard, wandb or trackio (tracking.py)
 #
 # Each stage script trains until the switching rule (trainer.py) hands over, saves everything
 # (weights or adapter, optimiser, iteration, stage, EMAs, RAE baselines) in OUT and exits; this
@@ -43,18 +44,20 @@ if [ "${GPU_SETTINGS:-0}" = 1 ] || "$PYTHON" -c "import sys, torch; sys.exit(not
   VQA_TOKENS=${VQA_TOKENS:-64}
   SETTINGS=(--lora-rank "${LORA_RANK:-64}" --gradient-checkpointing --micro-batch "${MICRO_BATCH:-4}" --dtype bfloat16)
 elif [ -n "${QUICK:-}" ]; then
-  echo "No CUDA GPU, QUICK=1: a demo of the mechanics (a tiny random-weight Qwen2.5-VL, short games)."
+  echo "No CUDA GPU, QUICK=1: a one-minute demo of the mechanics (a tiny random-weight Qwen2.5-VL, short games)."
   echo "It shows the whole Iterative-SPO loop turning, not a model learning: for that, drop QUICK=1."
+  # one thread: a model this small runs no faster on two, and more threads than free cores slow torch many times
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   MODEL=${MODEL:-tiny-vlm}
-  DOMAIN=${DOMAIN:-clevr}
+  DOMAIN=${DOMAIN:-cells}  # coloured squares: made in a moment, where CLEVR scenes take a second each
   DATA=${DATA:-games/$DOMAIN-demo}
   PAIRS=${PAIRS:-60}
   OUT=${OUT:-runs/cpu-demo}
-  ITERATIONS=${ITERATIONS:-12}
+  ITERATIONS=${ITERATIONS:-4}
   GAMES=${GAMES:-4}
-  EVAL_GAMES=${EVAL_GAMES:-8}
-  # short turns and quick switches, so that a minute visits both stages
-  SETTINGS=(--lora-rank "${LORA_RANK:-0}" --max-new-tokens 24 --samples 4 --k-min 2 --patience 3 --lr 1e-4)
+  EVAL_GAMES=${EVAL_GAMES:-4}
+  # short turns and quick switches, so that four iterations visit both stages
+  SETTINGS=(--lora-rank "${LORA_RANK:-0}" --rounds 1 --max-new-tokens 16 --samples 4 --k-min 2 --patience 2 --lr 1e-4)
   if [ "$MODEL" = tiny-vlm ] && [ ! -f tiny-vlm/config.json ]; then
     "$PYTHON" make_tiny_model.py --out tiny-vlm
   fi
@@ -91,6 +94,14 @@ VQA_TOKENS=${VQA_TOKENS:-16}  # longest answer of vqa.py (the GPU branch allows 
 GPUS=${GPUS:-1}  # processes on this node: data parallel over torchrun (DDP for LoRA, FSDP2 for --lora-rank 0)
 if [ "$GPUS" -gt 1 ]; then LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS"); else LAUNCH=("$PYTHON"); fi
 
+progress() {  # "iteration stage" of the checkpoint the stage scripts will resume from, or "0 start"
+  "$PYTHON" -c 'import sys, checkpoints; print(checkpoints.progress(sys.argv[1]))' "$OUT"
+}
+# an OUT holding files no run wrote, or a run of another MODEL or DATA, is refused before anything
+# is written (and where the run stands is read in the same process: each one costs a torch import)
+now=$("$PYTHON" -c 'import sys, checkpoints; checkpoints.check_run_folder(*sys.argv[1:]); print(checkpoints.progress(sys.argv[1]))' \
+      "$OUT" "$MODEL" "$DATA")
+
 if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made) is no data
   echo "Making $PAIRS $DOMAIN pairs in $DATA"
   "$PYTHON" make_games.py --domain "$DOMAIN" --n "$PAIRS" --out "$DATA"
@@ -101,16 +112,11 @@ if [ -n "$WARM_FROM" ]; then  # a few minutes, once: the clue and vote formats f
 fi
 
 ARGS=(--model "$MODEL" --data "$DATA" --out "$OUT" --iterations "$ITERATIONS" --games "$GAMES"
-      --schedule "$SCHEDULE" "${SETTINGS[@]}" "${DOMAIN_FLAG[@]}")
+      --schedule "$SCHEDULE" --report-to "${REPORT_TO:-none}" "${SETTINGS[@]}" "${DOMAIN_FLAG[@]}")
 # shellcheck disable=SC2206  # EXTRA is meant to split into flags
 ARGS+=(${EXTRA:-})
 
-progress() {  # "iteration stage" of the checkpoint the stage scripts will resume from, or "0 start"
-  "$PYTHON" -c 'import sys, checkpoints; print(checkpoints.progress(sys.argv[1]))' "$OUT"
-}
-
-while true; do
-  now=$(progress)  # a run folder with no usable checkpoint stops here, with the one-line error
+while true; do  # `now` is where the run stands: a folder with no usable checkpoint stopped above, with the one-line error
   read -r done_iterations stage <<< "$now"
   [ "$done_iterations" -ge "$ITERATIONS" ] && break
   if [ "$stage" = start ]; then
@@ -131,18 +137,5 @@ if [ "$EVAL_GAMES" = 0 ]; then
 fi
 "$PYTHON" evaluate.py --out "$OUT" --games "$EVAL_GAMES"  # one process, whatever GPUS is
 "$PYTHON" vqa.py --data "$DATA" --out "$OUT" --max-new-tokens "$VQA_TOKENS"
-"$PYTHON" report.py "$OUT"
-"$PYTHON" - "$OUT" <<'EOF'
-import json, os, sys
-import jsonl
-out = sys.argv[1]
-with open(os.path.join(out, "eval.json")) as f:
-    e = json.load(f)
-acc = [row["acc"] for row in jsonl.read_jsonl(os.path.join(out, "metrics.jsonl")) if isinstance(row.get("acc"), (int, float))]
-first, last = acc[:5], acc[-5:]
-print(f"What training changed: in the {e['games'] // 2} held-out games the trained model judged, it found the spy "
-      f"in {e['decision_acc']:.3f} of its votes; the initial model, judging the same games: {e['decision_acc_baseline']:.3f}. "
-      f"In training games: {sum(first) / len(first):.3f} (first 5 iterations) -> {sum(last) / len(last):.3f} (last 5). "
-      f"Win rate against the initial model: {e['win_rate']:.3f} of {e['games']} games.")
-EOF
+"$PYTHON" report.py "$OUT"  # ends with the headline: what training changed, against chance
 echo "Done: open $OUT/report.html; $OUT also holds metrics.jsonl, games/, eval.json, vqa.json and the latest checkpoint (ckpt-*)."

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli  # noqa: F401  (silences the known library warnings before any model loads)
 import jsonl
 import distributed
 
@@ -393,9 +394,18 @@ def from_pretrained(loader, path, **kwargs):
     """loader.from_pretrained(path), or one clear line and exit when there is no such model."""
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:  # missing folder, unknown or malformed hub id, no network
-        sys.exit(f"error: cannot load model {path!r} ({str(e).splitlines()[0]}); give a model folder "
+    except (OSError, ValueError):  # missing folder, unknown or malformed hub id, no network
+        sys.exit(f"error: cannot load model {path!r}: {model_load_problem(path)}; give a model folder "
                  "(e.g. from `python make_tiny_model.py --out tiny-vlm`) or a Hugging Face model id")
+
+
+def model_load_problem(path):
+    """Why a model path did not load, in the user's terms rather than the library's."""
+    if os.path.isdir(path):
+        return "the folder holds no complete model (config.json, weights, tokenizer and processor files)"
+    if os.path.exists(path):
+        return "it is a file, not a model folder"
+    return "no such folder, and no Hugging Face model of that id could be downloaded (check the id and the network)"
 
 
 def load_processor(path):

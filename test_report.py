@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from html.parser import HTMLParser
 
 import pytest
 from PIL import Image, ImageDraw
@@ -270,6 +271,50 @@ def test_renders_in_chromium(kind, request, tmp_path):
     with Image.open(screenshot) as image:
         extrema = image.convert("RGB").getextrema()
     assert any(low != high for low, high in extrema), "the screenshot is a single colour"
+
+
+class FirstTexts(HTMLParser):
+    """The page's visible text pieces in document order, from <body> on (scripts and styles left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts, self.in_body, self.skip = [], False, 0
+
+    def handle_starttag(self, tag, attrs):
+        self.in_body |= tag == "body"
+        self.skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in ("script", "style")
+
+    def handle_data(self, data):
+        if self.in_body and not self.skip and data.strip():
+            self.texts.append(" ".join(data.split()))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_headline_is_the_first_text_and_equals_eval_json(real_run, tmp_path):
+    """A real run evaluated by evaluate.py: the page, as the browser renders it, opens with the judge's
+    accuracy before -> after, chance and the win rate of eval.json, then their standard errors and interval."""
+    folder = tmp_path / "run"
+    shutil.copytree(real_run, folder)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--out", str(folder), "--games", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_report(folder).returncode == 0
+    e = json.load(open(folder / "eval.json"))
+    dom, _ = open_in_chromium(str(folder / "report.html"))
+    assert 'data-report="ready"' in dom
+    parser = FirstTexts()
+    parser.feed(dom)
+    assert parser.texts[0] == (f"Judge accuracy {e['decision_acc_baseline']:.3f} → {e['decision_acc']:.3f} "
+                               f"(chance {e['chance']:.3f}) · win rate {e['win_rate']:.3f}")
+    assert e["chance"] == 0.25 and parser.texts[1].startswith(
+        f"In {e['games'] // 2} held-out games, the trained judge named the spy in {e['decision_acc']:.3f} ± "
+        f"{e['decision_acc_se']:.3f} of its votes; the initial model, judging the same games: "
+        f"{e['decision_acc_baseline']:.3f} ± {e['decision_acc_baseline_se']:.3f}")
+    low, high = e["win_rate_ci95"]
+    assert f"{e['win_rate']:.3f} of {e['games']} games (95% interval {low:.3f}-{high:.3f})" in parser.texts[2]
 
 
 if __name__ == "__main__":

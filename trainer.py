@@ -37,15 +37,18 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
+import cli
 import checkpoints
 import distributed
 import selfplay
+import tracking
 
 # -----------------------------------------------------------------------------
 # The algorithm: loss and switching rule
@@ -342,7 +345,8 @@ def batch_pairs(pairs, iteration, cfg):
 
 
 def parse_args(stage):
-    p = argparse.ArgumentParser(description=f"Vision-Zero {stage} stage (see the docstring of trainer.py)")
+    p = argparse.ArgumentParser(description=f"Vision-Zero {stage} stage (see the docstring of trainer.py)",
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="Hugging Face model id or folder: the initial policy and the KL reference")
     p.add_argument("--data", required=True, help="folder of image pairs as make_games.py writes it")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, games/; reused to resume")
@@ -389,6 +393,7 @@ def parse_args(stage):
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
+    tracking.add_args(p)
     cfg = p.parse_args()
     selfplay.check_game_args(cfg)
     if cfg.save_every is None:
@@ -471,8 +476,9 @@ def main(stage, clue_stage, decision_stage):
 
     resolved = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(cfg).items()}
     if distributed.is_main():
-        print(f"{stage} stage, config: {json.dumps(resolved)}")
-        checkpoints.write_json_atomic(os.path.join(cfg.out, "config.json"), resolved)
+        print(f"{stage} stage, config:\n{cli.format_config(resolved)}")
+        command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])  # for export.py's model card
+        checkpoints.write_json_atomic(os.path.join(cfg.out, "config.json"), {**resolved, "command": command})
         checkpoints.trim_log(os.path.join(cfg.out, "metrics.jsonl"), state["iteration"])
     torch.manual_seed(cfg.seed)  # the LoRA init of a fresh run
     policy, processor = build_policy(cfg, checkpoint)
@@ -481,6 +487,7 @@ def main(stage, clue_stage, decision_stage):
     if checkpoint:
         distributed.load_optimizer(policy.model, optimizer, os.path.join(checkpoint, "optimizer.pt"))
 
+    tracker = tracking.open_tracker(cfg.report_to, cfg.out, resolved) if distributed.is_main() else None
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
         iteration = state["iteration"] + 1
@@ -534,11 +541,13 @@ def main(stage, clue_stage, decision_stage):
             metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         # log first, then checkpoint: a crash in between leaves lines that trim_log drops on resume
         if distributed.is_main():
+            records = [selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g) for g, game in enumerate(games)]
             with open(os.path.join(cfg.out, "games", f"iter_{iteration:06d}.jsonl"), "w") as f:
-                for g, game in enumerate(games):
-                    f.write(json.dumps(selfplay.game_record(game, cfg, iteration=iteration, stage=stage, game_index=g)) + "\n")
+                f.writelines(json.dumps(record) + "\n" for record in records)
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if tracker:
+                tracker.log(metrics, records)
         if following != stage:
             state["stage"], state["dwell"] = following, 0
         handover = following != stage and cfg.schedule != "alternate"  # the other stage script takes over
@@ -553,6 +562,8 @@ def main(stage, clue_stage, decision_stage):
             break
         stage = following
     bar.close()
+    if tracker:
+        tracker.close()
     if distributed.is_main():
         print(f"{stage} stage stopped after iteration {state['iteration']}; next stage: {state['stage']}; outputs in {cfg.out}")
     distributed.finish()

@@ -48,8 +48,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import selfplay
 import checkpoints
+import report
 import trainer
 
 MIN_VISIBLE_PIXELS = 150  # make_games.py's default --min-visible: every object of a clevr scene has it
@@ -320,7 +322,7 @@ def models_to_score(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="pairs folder from make_games.py; only its held-out split is asked about")
     p.add_argument("--out", required=True, help="run folder (its initial and trained model are scored) or, with --model, any folder")
     p.add_argument("--model", help="score this one model (folder or Hugging Face id) instead of a run's two")
@@ -363,7 +365,9 @@ def main():
     checkpoints.write_json_atomic(os.path.join(args.out, "vqa.json"), result)
     overall = result["overall"]
     scores = ", ".join(f"{name} {overall[name]['accuracy']:.3f} ± {overall[name]['se']:.3f}" for name in models)
-    print(f"vqa: {len(questions)} questions from {len(pairs) - skipped} held-out pairs: {scores}; "
+    untaught = (" (the initial model does no better than chance: it was never taught to answer such questions, so "
+                "this measures nothing about seeing here)" if report.vqa_not_taught(result) else "")
+    print(f"vqa: {len(questions)} questions from {len(pairs) - skipped} held-out pairs: {scores}{untaught}; "
           f"written to {os.path.join(args.out, 'vqa.json')}")
 
 

@@ -57,6 +57,7 @@ from types import SimpleNamespace
 
 import torch
 
+import cli
 import selfplay
 from make_games import CELL_COLOURS, cells_colours
 
@@ -195,7 +196,7 @@ def learning_rate(step, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="the random tiny model folder (make_tiny_model.py)")
     p.add_argument("--data", required=True, help="cells pairs folder (make_games.py --domain cells); its training split is used")
     p.add_argument("--out", required=True, help="folder for the warm-started model; if it already holds one, nothing is done")
@@ -252,9 +253,12 @@ def main():
 
     questions = held_out_questions(held_out, held_images, args.seed)
 
+    taught = taught_tasks(mix, args.list_steps)
+    untaught = "" if {"attribute", "list"} & taught else "; not taught by this mix"
+
     def check_attribute(step):  # held-out yes/no accuracy, kept for the curve
         curve.append([step, attribute_accuracy(model, processor, questions, eos)])
-        print(f"step {step}: held-out yes/no accuracy {curve[-1][1]:.3f} (chance 0.5)", flush=True)
+        print(f"step {step}: held-out yes/no accuracy {curve[-1][1]:.3f} (chance 0.5{untaught})", flush=True)
 
     print(f"warm start: {len(pairs)} training pairs, {args.list_steps} list steps, then {args.steps - args.list_steps} "
           f"steps of the mix {args.mix} (describe, clue, vote, attribute, list)")
@@ -288,12 +292,11 @@ def main():
             check_attribute(step + 1)
 
     check_attribute(args.steps)
-    listed = list_accuracy(model, processor, held_out, held_images)
+    listed = list_accuracy(model, processor, held_out, held_images) if "list" in taught else None
     minutes = (time.time() - started) / 60
     report = {**vars(args), "minutes": minutes, "attribute_accuracy": curve[-1][1], "list_accuracy": listed,
               "attribute_curve": curve}
-    print(f"warm start done in {minutes:.1f} min; held-out yes/no accuracy {curve[-1][1]:.3f}, "
-          f"list accuracy {listed:.3f} ({2 * len(held_out)} pictures)")
+    print(f"warm start done in {minutes:.1f} min; " + held_out_summary(taught, curve[-1][1], listed, 2 * len(held_out)))
     model.eval()
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)
@@ -307,6 +310,22 @@ def main():
     os.replace(staging, args.out)
     print(f"saved to {args.out}")
     require(curve[-1][1], args)
+
+
+def taught_tasks(mix, list_steps):
+    """The tasks this warm start trains: those with a share in the mix, and list when it has its own phase."""
+    return {task for task, share in zip(TASKS, mix) if share > 0} | ({"list"} if list_steps > 0 else set())
+
+
+def held_out_summary(taught, yes_no, listed, pictures):
+    """The held-out checks in words, each said to apply or not to the tasks that ran: a task the
+    mix never taught stays near chance, and that is no failure."""
+    applies = "attribute" in taught or "list" in taught  # yes/no follows from either
+    parts = [f"held-out yes/no accuracy {yes_no:.3f} (chance 0.5" +
+             (")" if applies else "; neither yes/no nor list is in this mix, so none is expected)")]
+    parts.append(f"list accuracy {listed:.3f} ({pictures} pictures)" if listed is not None
+                 else "list accuracy not checked (the list task is not in this mix)")
+    return ", ".join(parts)
 
 
 def read_report(folder):
