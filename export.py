@@ -84,7 +84,8 @@ def read_result(run, name):
 def model_card(run, cfg, target, dtype):
     """README.md of the exported folder: a Hub model card (see the module docstring)."""
     evaluation, vqa = read_result(run, "eval.json"), read_result(run, "vqa.json")
-    metrics = [row for row in jsonl.read_jsonl(os.path.join(run, "metrics.jsonl")) if isinstance(row.get("stage"), str)]
+    log = os.path.join(run, "metrics.jsonl")  # a run folder that lost its log still exports, with no stage counts
+    metrics = [row for row in jsonl.read_jsonl(log) if isinstance(row.get("stage"), str)] if os.path.exists(log) else []
     stages = {stage: sum(row["stage"] == stage for row in metrics) for stage in ("decision", "clue")}
     on_hub = HUB_ID.fullmatch(str(cfg.model)) and not os.path.exists(cfg.model)  # the Hub accepts only its own ids here
     front = ["---", *([f"base_model: {cfg.model}"] if on_hub else []), "library_name: transformers",

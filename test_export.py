@@ -146,7 +146,9 @@ def test_export_and_full_checkpoints_keep_the_initial_decoding_defaults(tiny_mod
     assert all(getattr(policy.model.generation_config, key) is None for key in QWEN_DECODING)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad])
     checkpoints.save_checkpoint(out, policy, processor, optimizer, {"iteration": 1, "stage": "decision"})
-    checkpoints.write_json_atomic(os.path.join(out, "config.json"), {**vars(cfg), "dtype": "float32"})
+    game = dict(data=str(tmp_path), schedule="decision", players=4, rounds=2, games=16, spy_image="modified",
+                lr=1e-4, kl=0.04)  # the rest of a run's config, which the export's model card reads
+    checkpoints.write_json_atomic(os.path.join(out, "config.json"), {**vars(cfg), **game, "dtype": "float32"})
 
     def decoding(folder):
         with open(os.path.join(folder, "generation_config.json")) as f:
