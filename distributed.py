@@ -91,6 +91,15 @@ def total(value):
     return type(value)(tensor.item()) if isinstance(value, int) else tensor.item()
 
 
+def largest(value):
+    """The largest of a number over all ranks (the number itself in one process)."""
+    if not active():
+        return value
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

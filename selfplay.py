@@ -223,6 +223,9 @@ class Turn:
     reward: float = None  # decision samples: Eq. 4, set by rlvr.score_decisions
     advantage: float = None  # decision samples: Eq. 5, set when the decision stage trains on it
     truncated: bool = False  # cut at --max-new-tokens before a stop token
+    # log pi_sampling of each completion token, log_softmax(raw logits / T) as generate saw them:
+    # the trainer compares it with its recomputed log-probs (sampling/sampling_logp_difference)
+    sampling_logps: list = None
 
     @property
     def reasoning(self):
@@ -477,19 +480,57 @@ def plain_generation_config(model):
     return model
 
 
+class SampledLogprobs:
+    """A logits processor that keeps, at every decode step, the log-prob of the token sampled at
+    the step before under log_softmax(raw logits / T): what the sampling policy gave each token,
+    for the drift metric. It also suppresses the vision tokens (instead of generate's own
+    SuppressTokensLogitsProcessor, which runs first and would hide their raw logits from it).
+    Holds one step's [B, vocab] log-probs at a time, never every step's logits."""
+
+    def __init__(self, suppressed, temperature):
+        self.suppressed, self.temperature = suppressed, temperature
+        self.previous, self.kept = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.kept.append(self.previous.gather(1, input_ids[:, -1:]))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+        scores = scores.clone()
+        scores[:, self.suppressed] = -float("inf")
+        return scores
+
+    def logprobs(self, completions):
+        """[B, n] log-probs of the n sampled columns; generate may have run (and undone) a step more."""
+        if len(self.kept) < completions.shape[1]:
+            self.kept.append(self.previous.gather(1, completions[:, -1:]))
+        return torch.cat(self.kept, 1)[:, : completions.shape[1]]
+
+
+def prompt_inputs(processor, texts, images):
+    """The one processor call of every batch of prompts, left-padded so that every completion
+    starts at the same column."""
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
 def generate(policy, processor, turns, cfg):
     """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
-    fills completion_ids and text. Returns the number of tokens generated."""
+    fills completion_ids, text and sampling_logps. Returns the number of tokens generated."""
     model = policy.model
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
+    width = inputs["input_ids"].shape[1]
+    settings = sampling_settings(model, processor, cfg)
+    recorder = SampledLogprobs(settings.suppress_tokens, cfg.temperature or 1.0)
+    settings.suppress_tokens = []  # the recorder suppresses them, after reading the raw logits
     with policy.active(), torch.no_grad():
-        out = model.generate(**inputs, generation_config=sampling_settings(model, processor, cfg),
+        out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder],
                              synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together
+    completions = out[:, width:]
+    logps = recorder.logprobs(completions).tolist()
     stops, n_tokens = stop_ids(model), 0
-    for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
+    for turn, row, row_logps in zip(turns, completions.tolist(), logps):
         end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         turn.completion_ids = row[:end]  # the stop token is trained too: it decides the length
+        turn.sampling_logps = row_logps[:end]
         turn.truncated = row[end - 1] not in stops
         turn.text = processor.tokenizer.decode(turn.completion_ids, skip_special_tokens=True)
         n_tokens += end
@@ -499,8 +540,7 @@ def generate(policy, processor, turns, cfg):
 def completion_batch(processor, turns, device):
     """Model inputs for prompt + sampled completion, and the completion ids and mask [B, T].
     Prompts are left-padded, so every completion starts at the same column."""
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt")
+    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns])
     width = max(len(t.completion_ids) for t in turns)
     ids = torch.full((len(turns), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(turns), width))
@@ -512,6 +552,15 @@ def completion_batch(processor, turns, device):
     if "mm_token_type_ids" in inputs:  # transformers 5.x: without it the 3-D rotary positions fall back to 1-D
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
     return inputs.to(device), ids.to(device), mask.to(device)
+
+
+def sampling_logprob_batch(turns, device):
+    """The sampling policy's log-probs of the turns' completion tokens, [B, T] as completion_batch
+    lays them out (0 past a completion's end); None when a turn was not sampled by generate."""
+    if any(t.sampling_logps is None for t in turns):
+        return None
+    width = max(len(t.completion_ids) for t in turns)
+    return torch.tensor([t.sampling_logps + [0.0] * (width - len(t.sampling_logps)) for t in turns], device=device)
 
 
 def token_logprobs(model, inputs, completion_ids, temperature=1.0, with_entropy=False):

@@ -61,15 +61,33 @@ def k3_kl(logp, ref_logp):
     return torch.exp(delta) - delta - 1
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04):
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04, is_weights=None):
     """Eq. 3 / Eq. 6: clipped surrogate plus beta_KL times k3, averaged per sequence then over
-    the batch. logp, old_logp, ref_logp, mask: [B, T]; adv: [B]. ref_logp may be None when kl = 0."""
+    the batch. logp, old_logp, ref_logp, mask: [B, T]; adv: [B]. ref_logp may be None when kl = 0.
+    is_weights [B, T] (truncated importance sampling, TRL's correction) multiply the surrogate
+    of each token, not the KL."""
     ratio = torch.exp(logp - old_logp)
     adv = adv.unsqueeze(1)
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if kl > 0:
         per_token = per_token + kl * k3_kl(logp, ref_logp)
     return sequence_mean(per_token, mask).mean()
+
+
+def truncated_is_weights(old_logp, sampling_logp, cap):
+    """Truncated importance sampling (Yao et al. 2025; TRL's vLLM correction): per token
+    min(pi_old / pi_sampling, cap) = min(exp(old_logp - sampling_logp), cap), with no gradient.
+    It re-weights tokens that the sampler (merged, bf16 or compiled weights) gave another
+    probability than the trained policy does; the cap bounds the variance."""
+    return torch.clamp(torch.exp(old_logp - sampling_logp), max=cap).detach()
+
+
+def length_sorted(indices, turns):
+    """A minibatch's turns in order of length (completion, then prompt), so that each micro-batch
+    holds turns of similar length and pads little; the loss is the same sum in another order."""
+    return sorted(indices, key=lambda i: (len(turns[i].completion_ids), len(turns[i].prompt)))
 
 
 def clipped_tokens(ratio, adv, clip=0.2):
@@ -138,6 +156,8 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     n_global = distributed.total(len(turns))
     size = math.ceil(len(turns) / cfg.minibatches)
     minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)]
+    if cfg.length_buckets:
+        minibatches = [length_sorted(mb, turns) for mb in minibatches]
     chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
     # the log-probs of the policy that sampled: after the first step the weights differ, so the
     # ratio of Eq. 3 moves away from 1 and the clip binds (PPO). One step needs no extra pass.
@@ -151,6 +171,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
+    drift_sum, drift_max, drift_tokens = 0.0, 0.0, 0.0  # |recomputed - sampling| log-prob, over sampled turns
     for mb, mb_chunks in zip(minibatches, chunks):
         optimizer.zero_grad(set_to_none=True)
         step_loss, mb_global = 0.0, distributed.total(len(mb))
@@ -165,7 +186,15 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             with policy.active():
                 logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
             old_logp = old_logps.get(chunk[0], logp.detach())
-            loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            sampling_logp = selfplay.sampling_logprob_batch([turns[i] for i in chunk], model.device)
+            is_weights = None
+            if sampling_logp is not None:
+                drift = (old_logp - sampling_logp).abs() * mask
+                drift_sum, drift_tokens = drift_sum + drift.sum().item(), drift_tokens + mask.sum().item()
+                drift_max = max(drift_max, drift.max().item())
+                if cfg.tis_cap:
+                    is_weights = truncated_is_weights(old_logp, sampling_logp, cfg.tis_cap)
+            loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl, is_weights)
             ratio = torch.exp(logp.detach() - old_logp)
             tokens += mask.sum().item()
             clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
@@ -189,9 +218,14 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         total_loss += step_loss * mb_global / n_global
     model.eval()
     tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
-    return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
-            "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
-            "entropy": entropy / max(tokens, 1)}
+    drift_sum, drift_tokens = distributed.total(drift_sum), distributed.total(drift_tokens)
+    metrics = {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
+               "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
+               "entropy": entropy / max(tokens, 1)}
+    if drift_tokens:
+        metrics["sampling/sampling_logp_difference/mean"] = drift_sum / drift_tokens
+        metrics["sampling/sampling_logp_difference/max"] = distributed.largest(drift_max)
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +309,11 @@ def parse_args(stage):
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (memory vs speed)")
+    p.add_argument("--length-buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="sort each optimiser step's turns by length before cutting micro-batches (less padding; the same loss)")
+    p.add_argument("--tis-cap", type=float,
+                   help="truncated importance sampling: weight each token's surrogate by min(pi_old / pi_sampling, CAP) "
+                   "(TRL uses 2); for when sampling_logp_difference shows the sampler drifting from the trained policy. Default: off")
     p.add_argument("--minibatches", type=int, default=1,
                    help="optimiser steps per iteration, each on its share of the batch (the paper: 1; more = PPO-style reuse)")
     p.add_argument("--beta", type=float, default=0.1, help="Eq. 1: weight of the spy's exposure")
@@ -312,6 +351,8 @@ def parse_args(stage):
         cfg.logprob_temperature = cfg.temperature
     if cfg.logprob_temperature <= 0:
         p.error("--logprob-temperature must be positive")
+    if cfg.tis_cap is not None and cfg.tis_cap <= 0:
+        p.error("--tis-cap must be positive (it is the largest importance weight a token gets)")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.dtype == "auto":

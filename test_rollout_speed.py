@@ -1,0 +1,113 @@
+"""Tests of the rollout and update speed levers (issue "rollouts at GPU speed"): the drift metric
+between sampling and training log-probs and its truncated importance sampling correction,
+length-bucketed micro-batches.
+
+    OMP_NUM_THREADS=1 python -m pytest -q test_rollout_speed.py
+"""
+import pytest
+import torch
+
+import selfplay
+import trainer
+from test_smoke import game_cfg, sample_turns
+
+
+def lora_policy(tiny_model, **overrides):
+    """A LoRA policy whose adapter is not the identity (random B), so that merged and unmerged
+    weights really differ, with its processor and the cfg it was built from."""
+    cfg = game_cfg(model=tiny_model, lora_rank=4, **overrides)
+    policy, processor = trainer.build_policy(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    return policy, processor, cfg
+
+
+def test_drift_metric_is_zero_in_fp32_and_counts_only_completion_tokens(tiny_model, pairs_dir):
+    """Sampled log-probs kept by generate equal the trainer's recomputed ones within 1e-5 in fp32;
+    a sampler that was off by 0.25 on one token shows as max 0.25 and a mean of 0.25 / tokens."""
+    policy, processor, cfg = lora_policy(tiny_model, temperature=0.8, logprob_temperature=0.8, max_new_tokens=10)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    torch.manual_seed(0)
+    selfplay.generate(policy, processor, turns, cfg)
+    assert all(len(t.sampling_logps) == len(t.completion_ids) for t in turns)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    step = trainer.train_step(policy, None, optimizer, processor, turns, [0.0] * 4, game_cfg(**{**vars(cfg), "kl": 0}), lr=0.0)
+    assert step["sampling/sampling_logp_difference/max"] < 1e-5
+    assert step["sampling/sampling_logp_difference/mean"] <= step["sampling/sampling_logp_difference/max"]
+
+    tokens = sum(len(t.completion_ids) for t in turns)
+    turns[2].sampling_logps[1] -= 0.25
+    step = trainer.train_step(policy, None, optimizer, processor, turns, [0.0] * 4, game_cfg(**{**vars(cfg), "kl": 0}), lr=0.0)
+    assert step["sampling/sampling_logp_difference/max"] == pytest.approx(0.25, abs=1e-5)
+    assert step["sampling/sampling_logp_difference/mean"] == pytest.approx(0.25 / tokens, abs=1e-5)
+
+
+def test_truncated_importance_weights_by_hand():
+    old = torch.tensor([[0.0, -1.0, -2.0]])
+    sampling = torch.tensor([[0.0, -2.0, -1.0]])
+    weights = trainer.truncated_is_weights(old, sampling, cap=2.0)
+    assert weights.tolist()[0] == pytest.approx([1.0, 2.0, torch.exp(torch.tensor(-1.0)).item()])  # e^1 capped at 2
+    logp = torch.tensor([[-0.5, -1.0, -2.0]], requires_grad=True)
+    mask, adv = torch.ones(1, 3), torch.tensor([1.0])
+    # ratio 1, no KL: the loss is -mean(w * A) over the tokens, and so is its gradient per token
+    loss = trainer.policy_loss(logp, logp.detach(), None, adv, mask, kl=0.0, is_weights=weights)
+    assert loss.item() == pytest.approx(-weights.mean().item())
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx((-weights / 3).tolist()[0])
+    plain = trainer.policy_loss(logp, logp.detach(), None, adv, mask, kl=0.0, is_weights=torch.ones(1, 3))
+    assert plain.item() == pytest.approx(trainer.policy_loss(logp, logp.detach(), None, adv, mask, kl=0.0).item())
+
+
+def test_tis_cap_changes_the_update_only_where_sampling_drifted(tiny_model, pairs_dir):
+    """With --tis-cap and sampling log-probs equal to the recomputed ones (fp32), every weight is 1
+    and the step equals the uncorrected one; a sampler that gave the tokens more probability
+    (weights < 1) shrinks the loss."""
+    policy, processor, cfg = lora_policy(tiny_model, temperature=0.8, logprob_temperature=0.8, max_new_tokens=8, kl=0.0)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    torch.manual_seed(0)
+    selfplay.generate(policy, processor, turns, cfg)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+    advantages = [1.0, 1.0, 1.0, 1.0]  # loss = -mean of the weights: 1 without drift
+    plain = trainer.train_step(policy, None, optimizer, processor, turns, advantages, cfg, lr=0.0)
+    corrected = trainer.train_step(policy, None, optimizer, processor, turns, advantages,
+                                   game_cfg(**{**vars(cfg), "tis_cap": 2.0}), lr=0.0)
+    assert corrected["loss"] == pytest.approx(plain["loss"], abs=1e-5) and plain["loss"] == pytest.approx(-1.0)
+    for t in turns:
+        t.sampling_logps = [x + 0.5 for x in t.sampling_logps]
+    shrunk = trainer.train_step(policy, None, optimizer, processor, turns, advantages,
+                                game_cfg(**{**vars(cfg), "tis_cap": 2.0}), lr=0.0)
+    assert shrunk["loss"] == pytest.approx(-torch.exp(torch.tensor(-0.5)).item(), abs=1e-4)
+
+
+def test_length_buckets_keep_the_loss_and_gradient(tiny_model, pairs_dir, monkeypatch):
+    """Micro-batches cut from a length-sorted minibatch: the same loss, KL and gradient as in the
+    given order to float precision, with less padding."""
+    policy, processor, cfg = lora_policy(tiny_model, temperature=1.0, max_new_tokens=12, micro_batch=2)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 6)
+    torch.manual_seed(0)
+    selfplay.generate(policy, processor, turns, cfg)
+    lengths = [3, 12, 4, 11, 5, 12]  # interleaved short and long: every unsorted micro-batch pads
+    for turn, n in zip(turns, lengths):
+        turn.completion_ids, turn.sampling_logps = (turn.completion_ids * 12)[:n], None
+    reference = trainer.reference_policy(policy, cfg)
+    advantages = [0.5, -1.0, 1.5, -0.5, 1.0, -1.5]
+    results, original = {}, selfplay.completion_batch
+    for buckets in (False, True):
+        padded = []  # completion positions of every micro-batch, padding included
+
+        def recording(processor_, chunk, device):
+            padded.append(max(len(t.completion_ids) for t in chunk) * len(chunk))
+            return original(processor_, chunk, device)
+
+        monkeypatch.setattr(selfplay, "completion_batch", recording)
+        optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.0)
+        step = trainer.train_step(policy, reference, optimizer, processor, turns, advantages,
+                                  game_cfg(**{**vars(cfg), "length_buckets": buckets}), lr=0.0)
+        results[buckets] = (step, sum(padded))
+    assert results[True][0]["loss"] == pytest.approx(results[False][0]["loss"], rel=1e-5, abs=1e-7)
+    assert results[True][0]["kl"] == pytest.approx(results[False][0]["kl"], rel=1e-5, abs=1e-9)
+    assert results[True][0]["grad_norm"] == pytest.approx(results[False][0]["grad_norm"], rel=1e-5)
+    assert results[True][1] < results[False][1]  # padded completion positions: 2*(4+5+12)=42 against 2*(12+11+12)=70
