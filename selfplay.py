@@ -25,11 +25,13 @@ without torchvision, with or without LoRA) and the per-token log-probabilities o
 It has no command of its own: run `bash run.sh`, `python spo.py`, `python rlvr.py` or
 `python evaluate.py`.
 """
+import argparse
+import hashlib
 import os
 import re
 import sys
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -512,18 +514,150 @@ def prompt_inputs(processor, texts, images):
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
+# -----------------------------------------------------------------------------
+# Rollout levers: the same samples for less work (docs/gpu-speed.md)
+
+
+def lever(cfg, name, model):
+    """Whether a rollout lever is on: its flag (--merged-rollouts, --static-cache, --vision-cache),
+    or, when the flag is unset (None, or absent from a cfg that predates it: vqa.py's, warm_start.py's,
+    an older run's config.json), on CUDA only."""
+    value = getattr(cfg, name, None)
+    return model.device.type == "cuda" if value is None else bool(value)
+
+
+@contextmanager
+def merged_adapter(model):
+    """Generation through the LoRA delta merged into the base weights, W + scale B A, with the
+    adapter's branches switched off: a decode step then runs the plain model's ops (40 ATen ops per
+    layer instead of 82). The base weights are restored bit for bit from a copy on their own device:
+    merging then unmerging is not exact in bf16, (W + D) - D rounds twice and the error would pile up
+    over iterations. The copy costs the adapted weights' size during rollouts (13 GB at 7B with every
+    projection adapted); copying back, rather than swapping tensors, keeps the weights' addresses,
+    which a compiled, CUDA-graphed decode has recorded."""
+    layers = [m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
+    originals = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.base_layer.weight
+            originals.append(weight.detach().clone())
+            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, originals):
+                layer.base_layer.weight.copy_(original)
+
+
+def picture_key(image):
+    """A picture's identity for the vision cache: a digest of its pixels, size and mode."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.size} {image.mode}".encode())
+    return digest.hexdigest()
+
+
+class VisionCache:
+    """The vision tower's features of each distinct picture, computed once and reused: by the clue
+    turns of every round and the judge's G samples (which see the same pictures), and, while the
+    tower is frozen (LoRA trains the text model only), by the update's reference and policy passes.
+    It replaces the model's get_image_features; a pass uses it only inside `expecting(keys)`, which
+    names the pictures of the batch in order (picture_key), so any other pass encodes as before.
+    Cleared by play_games at the start of every batch of games (memory), and whenever a tower
+    parameter has changed in place since the features were computed (an optimiser step of a full
+    fine-tune), so that no stale feature is ever used."""
+
+    def __init__(self, owner):
+        self.owner, self.encode = owner, owner.get_image_features
+        self.features, self.keys, self.encoded, self.weights_version = {}, None, 0, None
+        owner.get_image_features = self.image_features
+
+    @contextmanager
+    def expecting(self, keys):
+        version = sum(p._version for p in self.owner.visual.parameters())  # bumped by every in-place update
+        if version != self.weights_version:
+            self.features.clear()
+            self.weights_version = version
+        self.keys = list(keys)
+        try:
+            yield
+        finally:
+            self.keys = None
+
+    def clear(self):
+        self.features.clear()
+
+    def image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        if self.keys is None:
+            return self.encode(pixel_values, image_grid_thw, **kwargs)
+        keys, self.keys = self.keys, None  # one pass per expecting(): the prefill, not the decode steps
+        chunks = pixel_values.split(image_grid_thw.prod(-1).tolist())
+        first = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        missing = [i for key, i in first.items() if key not in self.features]  # each distinct new picture once
+        if missing:
+            encoded = self.encode(torch.cat([chunks[i] for i in missing]), image_grid_thw[missing], **kwargs)
+            for i, features in zip(missing, encoded.pooler_output):
+                self.features[keys[i]] = features.detach()
+            self.encoded += len(missing)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        return BaseModelOutputWithPooling(pooler_output=tuple(self.features[k] for k in keys))
+
+
+def vision_cache(model):
+    """The model's VisionCache, installed on first use; None for a model without get_image_features."""
+    owner = next((m for m in model.modules() if "get_image_features" in type(m).__dict__ and hasattr(m, "visual")), None)
+    if owner is None:
+        return None
+    if not isinstance(getattr(owner, "_vision_cache", None), VisionCache):
+        owner._vision_cache = VisionCache(owner)
+    return owner._vision_cache
+
+
+def reused_vision(model, turns, cfg):
+    """The context of an update pass of `model` over `turns`: the rollouts' picture features when
+    the vision cache is on and the tower is frozen (LoRA on the text model: no gradient could reach
+    it, so skipping it changes nothing); otherwise the tower runs as usual."""
+    cache = vision_cache(model) if lever(cfg, "vision_cache", model) else None
+    if cache is None or any(p.requires_grad for p in cache.owner.visual.parameters()):
+        return ExitStack()
+    return cache.expecting(picture_key(t.image) for t in turns)
+
+
+def static_cache_length(width, max_new_tokens, step=256):
+    """The static KV cache's length, rounded up so that calls with other prompt widths reuse one
+    compiled decode (transformers keeps the largest length it has seen)."""
+    return -(-(width + max_new_tokens) // step) * step
+
+
 def generate(policy, processor, turns, cfg):
     """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
-    fills completion_ids, text and sampling_logps. Returns the number of tokens generated."""
+    fills completion_ids, text and sampling_logps. Returns the number of tokens generated.
+    The levers (lever()) change how, not what: merged LoRA weights, a static KV cache (compiled on
+    CUDA), each distinct picture encoded once."""
     model = policy.model
     inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
     width = inputs["input_ids"].shape[1]
     settings = sampling_settings(model, processor, cfg)
     recorder = SampledLogprobs(settings.suppress_tokens, cfg.temperature or 1.0)
     settings.suppress_tokens = []  # the recorder suppresses them, after reading the raw logits
-    with policy.active(), torch.no_grad():
+    sharded = distributed.is_sharded(model)
+    if lever(cfg, "static_cache", model) and not sharded:  # on CUDA generate compiles the decode step for it
+        settings.cache_implementation = "static"
+        settings.max_cache_len = static_cache_length(width, settings.max_new_tokens)
+    with ExitStack() as context:
+        context.enter_context(policy.active())
+        context.enter_context(torch.no_grad())
+        if policy.adapter and hasattr(model, "disable_adapter") and lever(cfg, "merged_rollouts", model):
+            context.enter_context(merged_adapter(model))
+        cache = vision_cache(model) if lever(cfg, "vision_cache", model) else None
+        if cache is not None:
+            context.enter_context(cache.expecting(picture_key(t.image) for t in turns))
         out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder],
-                             synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together
+                             synced_gpus=sharded)  # FSDP2: ranks step together
     completions = out[:, width:]
     logps = recorder.logprobs(completions).tolist()
     stops, n_tokens = stop_ids(model), 0
@@ -605,6 +739,13 @@ def add_game_args(parser):
                         help="what the spy sees: the edited image (v1, code) or an empty picture (v2 text)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest clue or decision completion")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of every turn")
+    parser.add_argument("--merged-rollouts", action=argparse.BooleanOptionalAction,
+                        help="sample through the LoRA merged into the base weights (restored bit for bit after); default: on CUDA")
+    parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction,
+                        help="static KV cache, with which generate compiles the decode step on CUDA; default: on CUDA")
+    parser.add_argument("--vision-cache", action=argparse.BooleanOptionalAction,
+                        help="encode each distinct picture once per batch of games and reuse it in the update while the "
+                        "vision tower is frozen; default: on CUDA")
     parser.add_argument("--domain", choices=sorted(DOMAIN_RULES),
                         help="game rules the pairs are played under (default: each pair's own domain from pairs.jsonl; "
                              "photo for a folder without pairs.jsonl, so give --domain clevr for the released CLEVR pairs)")
@@ -630,6 +771,9 @@ def play_games(pairs, spy_seats, sides, processor, cfg):
     Returns (games, generated token count).
     """
     games = [Game(pair=p, spy=s) for p, s in zip(pairs, spy_seats)]
+    for policy in {id(side.model): side for pair_sides in sides for side in pair_sides}.values():
+        if lever(cfg, "vision_cache", policy.model) and vision_cache(policy.model) is not None:
+            vision_cache(policy.model).clear()  # the features of this batch's pictures only
     originals = [load_image(p["original"]) for p in pairs]
     spy_views = [blank_picture(im) if cfg.spy_image == "blank" else load_image(p["modified"])
                  for p, im in zip(pairs, originals)]

@@ -111,3 +111,110 @@ def test_length_buckets_keep_the_loss_and_gradient(tiny_model, pairs_dir, monkey
     assert results[True][0]["kl"] == pytest.approx(results[False][0]["kl"], rel=1e-5, abs=1e-9)
     assert results[True][0]["grad_norm"] == pytest.approx(results[False][0]["grad_norm"], rel=1e-5)
     assert results[True][1] < results[False][1]  # padded completion positions: 2*(4+5+12)=42 against 2*(12+11+12)=70
+
+
+LEVERS = ("merged_rollouts", "static_cache", "vision_cache")
+
+
+def with_levers(cfg, on=()):
+    """cfg with the named rollout levers on and the others off."""
+    return game_cfg(**{**vars(cfg), **{name: name in on for name in LEVERS}})
+
+
+def greedy_games(policy, processor, pairs, cfg):
+    games, _ = selfplay.play_games(pairs, [0, 2, 1], [(policy, policy)] * len(pairs), processor, cfg)
+    return [[t.completion_ids for t in g.clues + g.decisions] for g in games]
+
+
+@pytest.mark.parametrize("on", [("merged_rollouts",), ("static_cache",), ("vision_cache",), LEVERS])
+def test_greedy_games_are_identical_with_and_without_each_lever(tiny_model, pairs_dir, on):
+    policy, processor, cfg = lora_policy(tiny_model, temperature=0, max_new_tokens=6, samples=2)
+    pairs = selfplay.read_pairs(pairs_dir, "train")[:3]
+    plain = greedy_games(policy, processor, pairs, with_levers(cfg))
+    assert greedy_games(policy, processor, pairs, with_levers(cfg, on)) == plain
+
+
+def test_merged_rollouts_restore_the_base_weights_bit_for_bit(tiny_model, pairs_dir):
+    """In bf16, where merging then unmerging would not be exact: every weight after a merged
+    rollout equals the weight before, bit for bit; during it the adapter's branches never ran."""
+    policy, processor, cfg = lora_policy(tiny_model, dtype=torch.bfloat16, temperature=1.0, max_new_tokens=5)
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+    adapter_calls = []
+    lora_a = next(m for name, m in policy.model.named_modules() if name.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda *args: adapter_calls.append(1))
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 3)
+    selfplay.generate(policy, processor, turns, with_levers(cfg, ["merged_rollouts"]))
+    assert adapter_calls == []
+    for name, p in policy.model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    # merging changed the weights while it lasted: (W + D) - D is not W in bf16, so only the copy restores them
+    layer = next(m for m in policy.model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer"))
+    weight = layer.base_layer.weight
+    round_trip = ((weight.float() + layer.get_delta_weight("default").float()).to(weight.dtype).float()
+                  - layer.get_delta_weight("default").float()).to(weight.dtype)
+    assert not torch.equal(round_trip, weight)
+    selfplay.generate(policy, processor, turns, with_levers(cfg))
+    assert adapter_calls  # the plain path runs the adapter
+
+
+def count_encoded_pictures(model):
+    """A hook on the vision tower that counts the pictures it encodes (rows of grid_thw)."""
+    counted = []
+    tower = selfplay.vision_cache(model).owner.visual
+    tower.register_forward_hook(lambda module, args, kwargs, out: counted.append(len(kwargs["grid_thw"])),
+                                with_kwargs=True)
+    return counted
+
+
+def test_vision_tower_runs_once_per_distinct_picture_in_an_iteration(tiny_model, pairs_dir):
+    """3 games, 2 rounds of 4 seats and 2 judge samples: 30 turns see 6 distinct pictures (each game's
+    original and edited one). With the vision cache the tower encodes 6, and the LoRA update's
+    reference and policy passes encode none; without it, one encode per turn."""
+    policy, processor, cfg = lora_policy(tiny_model, temperature=1.0, max_new_tokens=4, samples=2, rounds=2)
+    pairs = selfplay.read_pairs(pairs_dir, "train")[:3]
+    counted = count_encoded_pictures(policy.model)
+    games, _ = selfplay.play_games(pairs, [0, 2, 1], [(policy, policy)] * 3, processor, with_levers(cfg, ["vision_cache"]))
+    turns = [t for g in games for t in g.clues + g.decisions]
+    assert len(turns) == 30 and len({selfplay.picture_key(t.image) for t in turns}) == 6
+    assert sum(counted) == 6
+    reference = trainer.reference_policy(policy, cfg)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-3)
+    step = trainer.train_step(policy, reference, optimizer, processor, turns, [1.0, -1.0] * 15,
+                              with_levers(cfg, ["vision_cache"]), lr=1e-3)
+    assert sum(counted) == 6 and step["grad_norm"] > 0  # the update trained, on the rollouts' features
+
+    counted.clear()
+    selfplay.play_games(pairs, [0, 2, 1], [(policy, policy)] * 3, processor, with_levers(cfg))
+    assert sum(counted) == 30
+
+
+def test_vision_cache_forgets_features_when_the_tower_trains(tiny_model, pairs_dir):
+    """Full fine-tuning trains the tower: after an optimiser step the same pictures are encoded again."""
+    cfg = game_cfg(model=tiny_model, lora_rank=0, temperature=1.0, max_new_tokens=4, vision_cache=True)
+    policy, processor = trainer.build_policy(cfg)
+    counted = count_encoded_pictures(policy.model)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 2)  # two pictures
+    selfplay.generate(policy, processor, turns, cfg)
+    selfplay.generate(policy, processor, turns, cfg)
+    assert sum(counted) == 2
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-3)
+    trainer.train_step(policy, None, optimizer, processor, turns, [1.0, -1.0], game_cfg(**{**vars(cfg), "kl": 0}), lr=1e-3)
+    assert sum(counted) == 4  # the update encoded them itself, with gradient
+    selfplay.generate(policy, processor, turns, cfg)
+    assert sum(counted) == 6
+
+
+def test_sampled_logprobs_with_every_lever_on_match_the_trainer_s(tiny_model, pairs_dir):
+    """A sampled rollout through merged weights, a static cache and cached pictures: the
+    trainer's recomputed log-probs (adapter unmerged, pictures encoded afresh) equal the sampler's
+    log_softmax(logits / T) within 1e-4."""
+    policy, processor, cfg = lora_policy(tiny_model, temperature=0.8, max_new_tokens=10)
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 4)
+    torch.manual_seed(0)
+    selfplay.generate(policy, processor, turns, with_levers(cfg, LEVERS))
+    batch, ids, mask = selfplay.completion_batch(processor, turns, "cpu")
+    with torch.no_grad():
+        recomputed = selfplay.token_logprobs(policy.model, batch, ids, 0.8)
+    sampled = selfplay.sampling_logprob_batch(turns, "cpu")
+    assert mask.sum() > len(turns)
+    assert ((recomputed - sampled).abs() * mask).max() < 1e-4

@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+from contextlib import ExitStack
 
 import torch
 from tqdm import tqdm
@@ -166,7 +167,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         with torch.no_grad():
             for chunk in (c for mb_chunks in chunks[1:] for c in mb_chunks):
                 inputs, ids, _ = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
-                with policy.active():
+                with policy.active(), selfplay.reused_vision(model, [turns[i] for i in chunk], cfg):
                     old_logps[chunk[0]] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
@@ -178,15 +179,18 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         for chunk in mb_chunks:
             distributed.sync_gradients(model, chunk is mb_chunks[-1])  # once per step, not per micro-batch
             adv = torch.tensor([advantages[i] for i in chunk], device=model.device)
-            inputs, ids, mask = selfplay.completion_batch(processor, [turns[i] for i in chunk], model.device)
+            chunk_turns = [turns[i] for i in chunk]
+            inputs, ids, mask = selfplay.completion_batch(processor, chunk_turns, model.device)
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
-                with torch.no_grad(), reference.active():
+                # LoRA: the same model with its adapter off sees the same pictures; a separate reference keeps its tower
+                reused = selfplay.reused_vision(model, chunk_turns, cfg) if reference.model is model else ExitStack()
+                with torch.no_grad(), reference.active(), reused:
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
-            with policy.active():
+            with policy.active(), selfplay.reused_vision(model, chunk_turns, cfg):
                 logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
             old_logp = old_logps.get(chunk[0], logp.detach())
-            sampling_logp = selfplay.sampling_logprob_batch([turns[i] for i in chunk], model.device)
+            sampling_logp = selfplay.sampling_logprob_batch(chunk_turns, model.device)
             is_weights = None
             if sampling_logp is not None:
                 drift = (old_logp - sampling_logp).abs() * mask
