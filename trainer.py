@@ -292,7 +292,8 @@ def batch_pairs(pairs, iteration, cfg):
     return chosen
 
 
-def parse_args(stage):
+def parse_args(stage, argv=None):
+    """The stage script's flags (argv: a list instead of the command line, for bench_levers.py)."""
     p = argparse.ArgumentParser(description=f"Vision-Zero {stage} stage (see the docstring of trainer.py)")
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="Hugging Face model id or folder: the initial policy and the KL reference")
     p.add_argument("--data", required=True, help="folder of image pairs as make_games.py writes it")
@@ -343,7 +344,7 @@ def parse_args(stage):
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
-    cfg = p.parse_args()
+    cfg = p.parse_args(argv)
     selfplay.check_game_args(cfg)
     if min(cfg.iterations, cfg.games, cfg.micro_batch, cfg.save_every, cfg.minibatches) < 1:
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
