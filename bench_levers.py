@@ -4,7 +4,8 @@ bench_levers.py: what each rollout and update lever saves, measured in one proce
 For each configuration (plain: every lever off; each lever alone; all of them on) it plays the
 same batch of games (same pairs, spy seats and seed) --repeats times with selfplay.play_games,
 then runs one trainer.train_step on all their turns (advantages forced to +-1 so that backward runs
-as in training; lr 0 so that every configuration sees the same weights). Per configuration it
+as in training; lr 0 so that every configuration sees the same weights; completions cut to random
+lengths, since a random model's all run to the limit and would leave nothing to bucket). Per configuration it
 prints the seconds of generation (first repeat and last: the first includes torch.compile on
 CUDA) and of the update, decode steps (per generate call, its longest row), useful tokens and their
 share of the decoded row-steps, tokens/s, pictures the vision tower encoded in the rollouts and in
@@ -95,6 +96,12 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
         selfplay.generate = plain_generate
     rollout_encodes = sum(encoded)
     turns = [t for g in games for t in g.clues + g.decisions]
+    # a random model never stops, so every completion has the same length and there is nothing to
+    # bucket: cut each to a length drawn uniformly from 1..its own (the same draw in every configuration)
+    lengths = random.Random(seed)
+    for turn in turns:
+        keep = lengths.randint(1, len(turn.completion_ids))
+        turn.completion_ids, turn.sampling_logps = turn.completion_ids[:keep], turn.sampling_logps[:keep]
     advantages = [1.0 if k % 2 else -1.0 for k in range(len(turns))]
     reference = trainer.reference_policy(policy, cfg) if cfg.kl > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)

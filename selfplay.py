@@ -567,7 +567,10 @@ class VisionCache:
     names the pictures of the batch in order (picture_key), so any other pass encodes as before.
     Cleared by play_games at the start of every batch of games (memory), and whenever a tower
     parameter has changed in place since the features were computed (an optimiser step of a full
-    fine-tune), so that no stale feature is ever used."""
+    fine-tune), so that no stale feature is ever used, and when it holds more than `most` pictures
+    (1.3 MB each at 7B), so that scripts that never call play_games (vqa.py) stay bounded."""
+
+    most = 1024
 
     def __init__(self, owner):
         self.owner, self.encode = owner, owner.get_image_features
@@ -577,7 +580,7 @@ class VisionCache:
     @contextmanager
     def expecting(self, keys):
         version = sum(p._version for p in self.owner.visual.parameters())  # bumped by every in-place update
-        if version != self.weights_version:
+        if version != self.weights_version or len(self.features) > self.most:
             self.features.clear()
             self.weights_version = version
         self.keys = list(keys)

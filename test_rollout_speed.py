@@ -218,3 +218,31 @@ def test_sampled_logprobs_with_every_lever_on_match_the_trainer_s(tiny_model, pa
     sampled = selfplay.sampling_logprob_batch(turns, "cpu")
     assert mask.sum() > len(turns)
     assert ((recomputed - sampled).abs() * mask).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_decode_keeps_greedy_outputs(tiny_model, pairs_dir, monkeypatch):
+    """The CUDA default path (static cache, merged LoRA, decode compiled by generate) forced onto the
+    CPU: torch.compile accepts Qwen2.5-VL's decode step and its greedy outputs equal the plain path's.
+    Slow: compiling takes 1-4 CPU-minutes."""
+    from transformers import CompileConfig
+    policy, processor, cfg = lora_policy(tiny_model, temperature=0, max_new_tokens=6)
+    plain_turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 2)
+    selfplay.generate(policy, processor, plain_turns, with_levers(cfg))
+    settings = selfplay.sampling_settings
+
+    def compiled(*args):
+        config = settings(*args)
+        config.compile_config = CompileConfig()
+        config.compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told
+        return config
+
+    monkeypatch.setattr(selfplay, "sampling_settings", compiled)
+    compiled_calls = []
+    get_compiled_call = type(policy.model.get_base_model()).get_compiled_call
+    monkeypatch.setattr(type(policy.model.get_base_model()), "get_compiled_call",
+                        lambda self, *a: compiled_calls.append(1) or get_compiled_call(self, *a))
+    turns = sample_turns(processor, selfplay.read_pairs(pairs_dir, "train"), 2)
+    selfplay.generate(policy, processor, turns, with_levers(cfg, ["static_cache", "merged_rollouts"]))
+    assert compiled_calls  # the decode really went through torch.compile
+    assert [t.completion_ids for t in turns] == [t.completion_ids for t in plain_turns]
