@@ -656,7 +656,8 @@ def generate(policy, processor, turns, cfg):
         context.enter_context(torch.no_grad())
         if policy.adapter and hasattr(model, "disable_adapter") and lever(cfg, "merged_rollouts", model):
             context.enter_context(merged_adapter(model))
-        cache = vision_cache(model) if lever(cfg, "vision_cache", model) else None
+        # not under FSDP2: a rank that skipped the tower would leave the others waiting in its all-gather
+        cache = vision_cache(model) if lever(cfg, "vision_cache", model) and not sharded else None
         if cache is not None:
             context.enter_context(cache.expecting(picture_key(t.image) for t in turns))
         out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder],
