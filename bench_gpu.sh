@@ -43,11 +43,11 @@ else
   MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-4}
   GAMES=${GAMES:-2}
   EXTRA=${EXTRA:---rounds 1 --samples 2}
-  LEVER_GAMES=${LEVER_GAMES:-2}
+  LEVER_GAMES=${LEVER_GAMES:-1}
   LEVER_TOKENS=${LEVER_TOKENS:-4}
-  LEVER_EXTRA=${LEVER_EXTRA:---samples 2}
+  LEVER_EXTRA=${LEVER_EXTRA:---samples 2 --kl 0}
 fi
-CONFIGS=${CONFIGS:-plain,merged,static,vision,buckets,all}
+CONFIGS=${CONFIGS:-plain,merged,static,vision,shared,buckets,all}
 PAIRS=${PAIRS:-20}
 EVAL_GAMES=${EVAL_GAMES:-0}
 BENCH=${BENCH:-runs/bench-gpu}

@@ -13,7 +13,8 @@ the update, peak GPU memory, and the profiler's count per decode step of CUDA ke
 (graph launches included) or, on the CPU, of ATen ops; then each figure as a ratio to the plain path.
 
 The levers (selfplay.add_game_args, trainer.parse_args): merged = --merged-rollouts, static =
---static-cache (compiled on CUDA), vision = --vision-cache, buckets = --length-buckets.
+--static-cache (compiled on CUDA), vision = --vision-cache, shared = --shared-prefill (only without
+the static cache, so "all" leaves it out), buckets = --length-buckets.
 
     python bench_levers.py --model M --data D [--configs plain,merged,all] [trainer flags, e.g. --games 4 --lora-rank 64]
 
@@ -31,7 +32,8 @@ import torch
 import selfplay
 import trainer
 
-LEVERS = {"merged": "merged_rollouts", "static": "static_cache", "vision": "vision_cache", "buckets": "length_buckets"}
+LEVERS = {"merged": "merged_rollouts", "static": "static_cache", "vision": "vision_cache", "shared": "shared_prefill",
+          "buckets": "length_buckets"}
 CONFIGS = {"plain": (), **{name: (name,) for name in LEVERS}, "all": tuple(LEVERS)}
 # CUDA runtime calls that launch work on the GPU: one per kernel, one per replayed CUDA graph
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -66,9 +68,14 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
     """One configuration: its rollouts, its update, its counts."""
     model = policy.model
     tower = next(m for name, m in model.named_modules() if name.endswith("visual"))
-    encoded = []
+    encoded, prefilled = [], []
     hook = tower.register_forward_hook(lambda module, args, kwargs, out: encoded.append(len(kwargs["grid_thw"])),
                                        with_kwargs=True)
+    # prompt tokens (padding included) through a forward pass of more than one position: prefills
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefill_hook = base.register_forward_pre_hook(
+        lambda module, args, kwargs: prefilled.append(kwargs["input_ids"].numel())
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     calls, plain_generate = [], selfplay.generate
 
     def counted_generate(policy_, processor_, turns, cfg_):
@@ -83,6 +90,7 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
         for _ in range(repeats):
             calls.clear()
             encoded.clear()
+            prefilled.clear()
             torch.manual_seed(seed)
             if on_cuda:
                 torch.cuda.synchronize()
@@ -94,7 +102,8 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
             seconds.append(time.time() - started)
     finally:
         selfplay.generate = plain_generate
-    rollout_encodes = sum(encoded)
+    rollout_encodes, prefilled_tokens = sum(encoded), sum(prefilled)
+    prefill_hook.remove()
     turns = [t for g in games for t in g.clues + g.decisions]
     # a random model never stops, so every completion has the same length and there is nothing to
     # bucket: cut each to a length drawn uniformly from 1..its own (the same draw in every configuration)
@@ -117,7 +126,7 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
     return {"generate_s_first": seconds[0], "generate_s": seconds[-1], "update_s": update_seconds,
             "generate_calls": len(calls), "decode_steps": sum(steps for _, steps, _ in calls), "useful_tokens": useful,
             "useful_share": useful / max(row_steps, 1), "tokens_per_s": useful / max(seconds[-1], 1e-9),
-            "encodes_rollouts": rollout_encodes, "encodes_update": sum(encoded),
+            "prefilled_tokens": prefilled_tokens, "encodes_rollouts": rollout_encodes, "encodes_update": sum(encoded),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if on_cuda else float("nan"),
             "launches_per_decode_step": launches_per_decode_step(policy, processor, [g.clues[0] for g in games], cfg)}
 

@@ -519,7 +519,7 @@ def prompt_inputs(processor, texts, images):
 
 
 def lever(cfg, name, model):
-    """Whether a rollout lever is on: its flag (--merged-rollouts, --static-cache, --vision-cache),
+    """Whether a rollout lever is on: its flag (--merged-rollouts, --static-cache, --vision-cache, --shared-prefill),
     or, when the flag is unset (None, or absent from a cfg that predates it: vqa.py's, warm_start.py's,
     an older run's config.json), on CUDA only."""
     value = getattr(cfg, name, None)
@@ -574,7 +574,7 @@ class VisionCache:
 
     def __init__(self, owner):
         self.owner, self.encode = owner, owner.get_image_features
-        self.features, self.keys, self.encoded, self.weights_version = {}, None, 0, None
+        self.features, self.keys, self.weights_version = {}, None, None
         owner.get_image_features = self.image_features
 
     @contextmanager
@@ -605,7 +605,6 @@ class VisionCache:
             encoded = self.encode(torch.cat([chunks[i] for i in missing]), image_grid_thw[missing], **kwargs)
             for i, features in zip(missing, encoded.pooler_output):
                 self.features[keys[i]] = features.detach()
-            self.encoded += len(missing)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         return BaseModelOutputWithPooling(pooler_output=tuple(self.features[k] for k in keys))
 
@@ -630,6 +629,33 @@ def reused_vision(model, turns, cfg):
     return cache.expecting(picture_key(t.image) for t in turns)
 
 
+def prefilled_once(model, inputs, turns, pictures):
+    """The KV cache of a batch's prompts but their last token, each distinct (prompt, picture)
+    prefilled once and copied to the rows that repeat it (the judge's G samples of a game); None when
+    no row repeats another, or for a model without Qwen-VL's image inputs. It also sets the model's
+    3-D rotary offsets (rope_deltas) for every row, which generate reads when it finds a cache.
+    pictures: the vision cache, or None."""
+    keys = [(t.prompt, picture_key(t.image)) for t in turns]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) == len(keys) or "image_grid_thw" not in inputs:
+        return None
+    unique, position = list(first.values()), {key: j for j, key in enumerate(first)}
+    rows = torch.tensor([position[key] for key in keys], device=model.device)
+    chunks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
+    prefix = {name: inputs[name][unique, :-1] for name in ("input_ids", "attention_mask", "mm_token_type_ids") if name in inputs}
+    prefix.update(pixel_values=torch.cat([chunks[i] for i in unique]), image_grid_thw=inputs["image_grid_thw"][unique])
+    with pictures.expecting(picture_key(turns[i].image) for i in unique) if pictures is not None else ExitStack():
+        out = model(**prefix, use_cache=True, logits_to_keep=1)
+    kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    kv.batch_select_indices(rows)
+    for module in model.modules():
+        if getattr(vars(module).get("rope_deltas"), "shape", None):
+            module.rope_deltas = module.rope_deltas[rows]
+    return kv
+
+
 def static_cache_length(width, max_new_tokens, step=256):
     """The static KV cache's length, rounded up so that calls with other prompt widths reuse one
     compiled decode (transformers keeps the largest length it has seen)."""
@@ -640,7 +666,8 @@ def generate(policy, processor, turns, cfg):
     """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
     fills completion_ids, text and sampling_logps. Returns the number of tokens generated.
     The levers (lever()) change how, not what: merged LoRA weights, a static KV cache (compiled on
-    CUDA), each distinct picture encoded once."""
+    CUDA), each distinct picture encoded once, each distinct prompt prefilled once (with the
+    dynamic cache: the static one is sized and compiled by generate itself)."""
     model = policy.model
     inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
     width = inputs["input_ids"].shape[1]
@@ -648,7 +675,8 @@ def generate(policy, processor, turns, cfg):
     recorder = SampledLogprobs(settings.suppress_tokens, cfg.temperature or 1.0)
     settings.suppress_tokens = []  # the recorder suppresses them, after reading the raw logits
     sharded = distributed.is_sharded(model)
-    if lever(cfg, "static_cache", model) and not sharded:  # on CUDA generate compiles the decode step for it
+    static = lever(cfg, "static_cache", model) and not sharded
+    if static:  # on CUDA generate compiles the decode step for it
         settings.cache_implementation = "static"
         settings.max_cache_len = static_cache_length(width, settings.max_new_tokens)
     with ExitStack() as context:
@@ -658,9 +686,14 @@ def generate(policy, processor, turns, cfg):
             context.enter_context(merged_adapter(model))
         # not under FSDP2: a rank that skipped the tower would leave the others waiting in its all-gather
         cache = vision_cache(model) if lever(cfg, "vision_cache", model) and not sharded else None
-        if cache is not None:
+        kv = None
+        if lever(cfg, "shared_prefill", model) and not static and not sharded:
+            kv = prefilled_once(model, inputs, turns, cache)
+        if kv is not None:  # the pictures are in the cache already: only the prompts' last tokens go in
+            inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        elif cache is not None:
             context.enter_context(cache.expecting(picture_key(t.image) for t in turns))
-        out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder],
+        out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder], past_key_values=kv,
                              synced_gpus=sharded)  # FSDP2: ranks step together
     completions = out[:, width:]
     logps = recorder.logprobs(completions).tolist()
@@ -750,6 +783,9 @@ def add_game_args(parser):
     parser.add_argument("--vision-cache", action=argparse.BooleanOptionalAction,
                         help="encode each distinct picture once per batch of games and reuse it in the update while the "
                         "vision tower is frozen; default: on CUDA")
+    parser.add_argument("--shared-prefill", action=argparse.BooleanOptionalAction,
+                        help="prefill each distinct prompt of a call once (the judge's G samples) and copy its KV cache; "
+                        "with --no-static-cache only; default: on CUDA")
     parser.add_argument("--domain", choices=sorted(DOMAIN_RULES),
                         help="game rules the pairs are played under (default: each pair's own domain from pairs.jsonl; "
                              "photo for a folder without pairs.jsonl, so give --domain clevr for the released CLEVR pairs)")
