@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=1 python -m pytest -q test_7b_shape.py      # slow: 10-15 CPU-minutes, peak RSS 3 GB
 
-bench_gpu.sh runs once, with its CPU fallback: its lever step (bench_levers.py, plain against all
-levers on, one game), then a random-weight model with every layer of the 7B's
+bench_gpu.sh runs once, with its CPU fallback: a random-weight model with every layer of the 7B's
 shape (make_tiny_model.py --shape 7b, 1 text layer, 2 vision blocks, the real processor's pixel
-limits), 480x320 CLEVR pairs, run.sh's GPU branch (LoRA 64 on the text projections, gradient
+limits), 480x320 CLEVR pairs, the lever step (bench_levers.py: the plain path against every lever
+on, one game), then run.sh's GPU branch (LoRA 64 on the text projections, gradient
 checkpointing, micro-batch 4, bfloat16) for one decision-stage and one clue-stage iteration of 2
 games with 4-token turns, then evaluate.py and report.py. A random model's votes never parse, so
 in that run every advantage is 0 and the update changes nothing; the last test therefore takes
