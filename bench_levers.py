@@ -64,8 +64,9 @@ def launches_per_decode_step(policy, processor, turns, cfg, lengths=(4, 12)):
     return (last - first) / (steps_last - steps_first) if steps_last > steps_first else float("nan")
 
 
-def measure(policy, processor, pairs, seats, cfg, repeats, seed):
-    """One configuration: its rollouts, its update, its counts."""
+def measure(policy, processor, pairs, seats, cfg, repeats, seed, update=True):
+    """One configuration: its rollouts, its update (update=False: not timed, for levers that change
+    only the rollouts), its counts."""
     model = policy.model
     tower = next(m for name, m in model.named_modules() if name.endswith("visual"))
     encoded, prefilled = [], []
@@ -116,17 +117,18 @@ def measure(policy, processor, pairs, seats, cfg, repeats, seed):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     encoded.clear()
     started = time.time()
-    trainer.train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr=0.0)
+    if update:
+        trainer.train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr=0.0)
     if on_cuda:
         torch.cuda.synchronize()
-    update_seconds = time.time() - started
+    update_seconds = time.time() - started if update else float("nan")
     hook.remove()
     row_steps = sum(batch * steps for batch, steps, _ in calls)
     useful = sum(tokens for _, _, tokens in calls)
     return {"generate_s_first": seconds[0], "generate_s": seconds[-1], "update_s": update_seconds,
             "generate_calls": len(calls), "decode_steps": sum(steps for _, steps, _ in calls), "useful_tokens": useful,
             "useful_share": useful / max(row_steps, 1), "tokens_per_s": useful / max(seconds[-1], 1e-9),
-            "prefilled_tokens": prefilled_tokens, "encodes_rollouts": rollout_encodes, "encodes_update": sum(encoded),
+            "prefilled_tokens": prefilled_tokens, "encodes_rollouts": rollout_encodes, "encodes_update": sum(encoded) if update else float("nan"),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if on_cuda else float("nan"),
             "launches_per_decode_step": launches_per_decode_step(policy, processor, [g.clues[0] for g in games], cfg)}
 
@@ -140,6 +142,9 @@ def main():
     p.add_argument("--repeats", type=int, default=1,
                    help="rollouts of a configuration with the static cache (on CUDA the first compiles; the last is reported); others play once")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--update-only-where-it-changes", action="store_true",
+                   help="time the update only for plain and the configurations with a lever that changes it (vision, buckets): "
+                   "the CPU's 7B-shape run, where an update takes minutes")
     args, rest = p.parse_known_args()
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
@@ -162,7 +167,8 @@ def main():
     results = {}
     for name in configs:
         repeats = args.repeats if "static" in CONFIGS[name] or name == "all" else 1
-        results[name] = measure(policy, processor, pairs, seats, configured(cfg, CONFIGS[name]), repeats, cfg.seed)
+        update = not args.update_only_where_it_changes or name == "plain" or {"vision", "buckets"} & set(CONFIGS[name])
+        results[name] = measure(policy, processor, pairs, seats, configured(cfg, CONFIGS[name]), repeats, cfg.seed, update)
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()), flush=True)
     keys = list(next(iter(results.values())))
     print("\n| configuration | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
