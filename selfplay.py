@@ -631,7 +631,8 @@ def reused_vision(model, turns, cfg):
 
 def prefilled_once(model, inputs, turns, pictures):
     """The KV cache of a batch's prompts but their last token, each distinct (prompt, picture)
-    prefilled once and copied to the rows that repeat it (the judge's G samples of a game); None when
+    prefilled once and copied to the rows that repeat it (the judge's G samples of a game), as the
+    keyword generate takes it (`cache` in transformers 5, `past_key_values` in 4); None when
     no row repeats another, or for a model without Qwen-VL's image inputs. It also sets the model's
     3-D rotary offsets (rope_deltas) for every row, which generate reads when it finds a cache.
     pictures: the vision cache, or None."""
@@ -648,12 +649,14 @@ def prefilled_once(model, inputs, turns, pictures):
     prefix.update(pixel_values=torch.cat([chunks[i] for i in unique]), image_grid_thw=inputs["image_grid_thw"][unique])
     with pictures.expecting(picture_key(turns[i].image) for i in unique) if pictures is not None else ExitStack():
         out = model(**prefix, use_cache=True, logits_to_keep=1)
-    kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    kv = getattr(out, name)
     kv.batch_select_indices(rows)
     for module in model.modules():
-        if getattr(vars(module).get("rope_deltas"), "shape", None):
-            module.rope_deltas = module.rope_deltas[rows]
-    return kv
+        deltas = vars(module).get("rope_deltas")  # Qwen-VL keeps the prefill's offsets on its inner model
+        if isinstance(deltas, torch.Tensor):
+            module.rope_deltas = deltas[rows]
+    return {name: kv}
 
 
 def static_cache_length(width, max_new_tokens, step=256):
@@ -686,14 +689,14 @@ def generate(policy, processor, turns, cfg):
             context.enter_context(merged_adapter(model))
         # not under FSDP2: a rank that skipped the tower would leave the others waiting in its all-gather
         cache = vision_cache(model) if lever(cfg, "vision_cache", model) and not sharded else None
-        kv = None
+        prefilled = None
         if lever(cfg, "shared_prefill", model) and not static and not sharded:
-            kv = prefilled_once(model, inputs, turns, cache)
-        if kv is not None:  # the pictures are in the cache already: only the prompts' last tokens go in
+            prefilled = prefilled_once(model, inputs, turns, cache)
+        if prefilled:  # the pictures are in the cache already: only the prompts' last tokens go in
             inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
         elif cache is not None:
             context.enter_context(cache.expecting(picture_key(t.image) for t in turns))
-        out = model.generate(**inputs, generation_config=settings, logits_processor=[recorder], past_key_values=kv,
+        out = model.generate(**inputs, **(prefilled or {}), generation_config=settings, logits_processor=[recorder],
                              synced_gpus=sharded)  # FSDP2: ranks step together
     completions = out[:, width:]
     logps = recorder.logprobs(completions).tolist()
