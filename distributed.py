@@ -91,13 +91,13 @@ def total(value):
     return type(value)(tensor.item()) if isinstance(value, int) else tensor.item()
 
 
-def maximum(value):
-    """The largest of an integer over all ranks (the integer itself in one process)."""
+def largest(value):
+    """The largest of a number over all ranks (the number itself in one process), of its type."""
     if not active():
         return value
-    tensor = torch.tensor(value, dtype=torch.int64, device=_collective_device())
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return type(value)(tensor.item())
 
 
 def _collective_device():

@@ -32,8 +32,8 @@ case "$GAME" in
   # (measured: 600 + 1,400 steps at 112 px, 400 + 1,100 at 56 px reach 1.000); 100 iterations
   # are the 30 minutes of RL the target allows
   modified) if [ "$SIZE" = 56 ]; then WARM=(1500 400); else WARM=(2000 600); fi  # steps in all, list steps
-            WARM_FLAGS=(--steps "${WARM_STEPS:-${WARM[0]}}" --list-steps "${WARM[1]}" --mix 0,0.1,0.1,0.6,0.2
-                        --require-attribute 0.9)
+            WARM_FLAGS=(--steps "${WARM_STEPS:-${WARM[0]}}" --list-steps "${LIST_STEPS:-${WARM[1]}}" --mix 0,0.1,0.1,0.6,0.2
+                        --require-attribute "${REQUIRE_ATTRIBUTE:-0.9}")
             DEFAULT_OUT=runs/learn-cpu-modified DEFAULT_ITERATIONS=100 ;;
   *) echo "error: GAME must be blank or modified, not '$GAME'" >&2; exit 2 ;;
 esac
@@ -43,6 +43,8 @@ ITERATIONS=${ITERATIONS:-$DEFAULT_ITERATIONS}
 SEEDS=${SEEDS:-"0 1 2"}
 SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
+GAMES=${GAMES:-16}  # games per iteration (gpu_learn.sh: many more)
+WARM_DEVICE=${WARM_DEVICE:-cpu}  # where the warm start trains (gpu_learn.sh: cuda)
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
@@ -52,7 +54,7 @@ export OMP_NUM_THREADS=$THREADS
 # steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for the same progress),
 # the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3 blank-game
 # Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
-RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
+RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME ${RL_EXTRA:-}"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
@@ -63,11 +65,11 @@ if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made)
   "$PYTHON" make_games.py --domain cells --size "${SIZE}x$SIZE" --n 2000 --out "$DATA"
 fi
 "$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" "${WARM_FLAGS[@]}" \
-  --threads "$THREADS" --spy-image "$GAME"
+  --threads "$THREADS" --spy-image "$GAME" --device "$WARM_DEVICE"
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
-  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES=16 \
+  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
     SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 PYTHON="$PYTHON" EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
 

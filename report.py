@@ -53,6 +53,8 @@ PANELS = [
     ("learning signal of the decision groups", ["frac_reward_zero_std", "reward_std"]),
     ("clipped tokens, truncated completions", ["clip_ratio/region_mean", "completions/clipped_ratio"]),
     ("token entropy of the trained completions (nats)", ["entropy"]),
+    ("|sampling - recomputed| log-prob per completion token",
+     ["sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"]),
 ]
 # C0 control characters (tab and newlines kept) that model text may contain
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -200,8 +202,8 @@ def draw_curves(metrics, config):
         else:
             spans.append([row.get("stage"), it, it])
     # the panel of the switching rule spans the top row, the others share the three rows below
-    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh"), list("ijk.")], figsize=(16, 13), sharex=True)
-    panel_axes = [axes[name] for name in ["rule", *"abcdefghijk"]]
+    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh"), list("ijkl")], figsize=(16, 13), sharex=True)
+    panel_axes = [axes[name] for name in ["rule", *"abcdefghijkl"]]
     for ax, (title, keys) in zip(panel_axes, PANELS):
         for stage, first, last in spans:
             ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS.get(stage, "#999999"), alpha=0.12, lw=0)

@@ -25,11 +25,13 @@ without torchvision, with or without LoRA) and the per-token log-probabilities o
 It has no command of its own: run `bash run.sh`, `python spo.py`, `python rlvr.py` or
 `python evaluate.py`.
 """
+import argparse
+import hashlib
 import os
 import re
 import sys
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -224,6 +226,9 @@ class Turn:
     reward: float = None  # decision samples: Eq. 4, set by rlvr.score_decisions
     advantage: float = None  # decision samples: Eq. 5, set when the decision stage trains on it
     truncated: bool = False  # cut at --max-new-tokens before a stop token
+    # log pi_sampling of each completion token, log_softmax(raw logits / T) as generate saw them:
+    # the trainer compares it with its recomputed log-probs (sampling/sampling_logp_difference)
+    sampling_logps: list = None
 
     @property
     def reasoning(self):
@@ -503,19 +508,229 @@ def write_generation_config(model, folder):
     getattr(model, "checkpoint_generation_config", model.generation_config).save_pretrained(folder)
 
 
+class SampledLogprobs:
+    """A logits processor that keeps, at every decode step, the log-prob of the token sampled at
+    the step before under log_softmax(raw logits / T): what the sampling policy gave each token,
+    for the drift metric. It also suppresses the vision tokens (instead of generate's own
+    SuppressTokensLogitsProcessor, which runs first and would hide their raw logits from it).
+    Holds one step's [B, vocab] log-probs at a time, never every step's logits."""
+
+    def __init__(self, suppressed, temperature):
+        self.suppressed, self.temperature = suppressed, temperature
+        self.previous, self.kept = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.kept.append(self.previous.gather(1, input_ids[:, -1:]))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+        scores = scores.clone()
+        scores[:, self.suppressed] = -float("inf")
+        return scores
+
+    def logprobs(self, completions):
+        """[B, n] log-probs of the n sampled columns; generate may have run (and undone) a step more."""
+        if len(self.kept) < completions.shape[1]:
+            self.kept.append(self.previous.gather(1, completions[:, -1:]))
+        return torch.cat(self.kept, 1)[:, : completions.shape[1]]
+
+
+def prompt_inputs(processor, texts, images):
+    """The one processor call of every batch of prompts, left-padded so that every completion
+    starts at the same column."""
+    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+# -----------------------------------------------------------------------------
+# Rollout levers: the same samples for less work (docs/gpu-speed.md)
+
+
+def lever(cfg, name, model):
+    """Whether a rollout lever is on: its flag (--merged-rollouts, --static-cache, --vision-cache, --shared-prefill),
+    or, when the flag is unset (None, or absent from a cfg that predates it: vqa.py's, warm_start.py's,
+    an older run's config.json), on CUDA only."""
+    value = getattr(cfg, name, None)
+    return model.device.type == "cuda" if value is None else bool(value)
+
+
+@contextmanager
+def merged_adapter(model):
+    """Generation through the LoRA delta merged into the base weights, W + scale B A, with the
+    adapter's branches switched off: a decode step then runs the plain model's ops (40 ATen ops per
+    layer instead of 82). The base weights are restored bit for bit from a copy on their own device:
+    merging then unmerging is not exact in bf16, (W + D) - D rounds twice and the error would pile up
+    over iterations. The copy costs the adapted weights' size during rollouts (13 GB at 7B with every
+    projection adapted); copying back, rather than swapping tensors, keeps the weights' addresses,
+    which a compiled, CUDA-graphed decode has recorded."""
+    layers = [m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
+    originals = []
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.base_layer.weight
+            originals.append(weight.detach().clone())
+            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, originals):
+                layer.base_layer.weight.copy_(original)
+
+
+def picture_key(image):
+    """A picture's identity for the vision cache: a digest of its pixels, size and mode."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.size} {image.mode}".encode())
+    return digest.hexdigest()
+
+
+class VisionCache:
+    """The vision tower's features of each distinct picture, computed once and reused: by the clue
+    turns of every round and the judge's G samples (which see the same pictures), and, while the
+    tower is frozen (LoRA trains the text model only), by the update's reference and policy passes.
+    It replaces the model's get_image_features; a pass uses it only inside `expecting(keys)`, which
+    names the pictures of the batch in order (picture_key), so any other pass encodes as before.
+    Cleared by play_games at the start of every batch of games (memory), and whenever a tower
+    parameter has changed in place since the features were computed (an optimiser step of a full
+    fine-tune), so that no stale feature is ever used, and when it holds more than `most` pictures
+    (1.3 MB each at 7B), so that scripts that never call play_games (vqa.py) stay bounded."""
+
+    most = 1024
+
+    def __init__(self, owner):
+        self.owner, self.encode = owner, owner.get_image_features
+        self.features, self.keys, self.weights_version = {}, None, None
+        owner.get_image_features = self.image_features
+
+    @contextmanager
+    def expecting(self, keys):
+        version = sum(p._version for p in self.owner.visual.parameters())  # bumped by every in-place update
+        if version != self.weights_version or len(self.features) > self.most:
+            self.features.clear()
+            self.weights_version = version
+        self.keys = list(keys)
+        try:
+            yield
+        finally:
+            self.keys = None
+
+    def clear(self):
+        self.features.clear()
+
+    def image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        if self.keys is None:
+            return self.encode(pixel_values, image_grid_thw, **kwargs)
+        keys, self.keys = self.keys, None  # one pass per expecting(): the prefill, not the decode steps
+        chunks = pixel_values.split(image_grid_thw.prod(-1).tolist())
+        first = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        missing = [i for key, i in first.items() if key not in self.features]  # each distinct new picture once
+        if missing:
+            encoded = self.encode(torch.cat([chunks[i] for i in missing]), image_grid_thw[missing], **kwargs)
+            for i, features in zip(missing, encoded.pooler_output):
+                self.features[keys[i]] = features.detach()
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        return BaseModelOutputWithPooling(pooler_output=tuple(self.features[k] for k in keys))
+
+
+def vision_cache(model):
+    """The model's VisionCache, installed on first use; None for a model without get_image_features."""
+    owner = next((m for m in model.modules() if "get_image_features" in type(m).__dict__ and hasattr(m, "visual")), None)
+    if owner is None:
+        return None
+    if not isinstance(getattr(owner, "_vision_cache", None), VisionCache):
+        owner._vision_cache = VisionCache(owner)
+    return owner._vision_cache
+
+
+def reused_vision(model, turns, cfg):
+    """The context of an update pass of `model` over `turns`: the rollouts' picture features when
+    the vision cache is on and the tower is frozen (LoRA on the text model: no gradient could reach
+    it, so skipping it changes nothing); otherwise the tower runs as usual."""
+    cache = vision_cache(model) if lever(cfg, "vision_cache", model) else None
+    if cache is None or any(p.requires_grad for p in cache.owner.visual.parameters()):
+        return ExitStack()
+    return cache.expecting(picture_key(t.image) for t in turns)
+
+
+def prefilled_once(model, inputs, turns, pictures):
+    """The KV cache of a batch's prompts but their last token, each distinct (prompt, picture)
+    prefilled once and copied to the rows that repeat it (the judge's G samples of a game), as the
+    keyword generate takes it (`cache` in transformers 5, `past_key_values` in 4); None when
+    no row repeats another, or for a model without Qwen-VL's image inputs. It also sets the model's
+    3-D rotary offsets (rope_deltas) for every row, which generate reads when it finds a cache.
+    pictures: the vision cache, or None."""
+    keys = [(t.prompt, picture_key(t.image)) for t in turns]
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) == len(keys) or "image_grid_thw" not in inputs:
+        return None
+    unique, position = list(first.values()), {key: j for j, key in enumerate(first)}
+    rows = torch.tensor([position[key] for key in keys], device=model.device)
+    chunks = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
+    prefix = {name: inputs[name][unique, :-1] for name in ("input_ids", "attention_mask", "mm_token_type_ids") if name in inputs}
+    prefix.update(pixel_values=torch.cat([chunks[i] for i in unique]), image_grid_thw=inputs["image_grid_thw"][unique])
+    with pictures.expecting(picture_key(turns[i].image) for i in unique) if pictures is not None else ExitStack():
+        out = model(**prefix, use_cache=True, logits_to_keep=1)
+    name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    kv = getattr(out, name)
+    kv.batch_select_indices(rows)
+    for module in model.modules():
+        deltas = vars(module).get("rope_deltas")  # Qwen-VL keeps the prefill's offsets on its inner model
+        if isinstance(deltas, torch.Tensor):
+            module.rope_deltas = deltas[rows]
+    return {name: kv}
+
+
+def static_cache_length(width, max_new_tokens, step=256):
+    """The static KV cache's length, rounded up so that calls with other prompt widths reuse one
+    compiled decode (transformers keeps the largest length it has seen)."""
+    return -(-(width + max_new_tokens) // step) * step
+
+
 def generate(policy, processor, turns, cfg):
     """Sample one completion per turn (greedy when cfg.temperature is 0) in a single batched call;
-    fills completion_ids and text. Returns the number of tokens generated."""
+    fills completion_ids, text and sampling_logps. Returns the number of tokens generated.
+    The levers (lever()) change how, not what: merged LoRA weights, a static KV cache (compiled on
+    CUDA), each distinct picture encoded once, each distinct prompt prefilled once (with the
+    dynamic cache: the static one is sized and compiled by generate itself)."""
     model = policy.model
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt").to(model.device)
-    with policy.active(), torch.no_grad():
-        out = model.generate(**inputs, generation_config=sampling_settings(model, processor, cfg),
-                             synced_gpus=distributed.is_sharded(model))  # FSDP2: ranks step together
+    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
+    width = inputs["input_ids"].shape[1]
+    settings = sampling_settings(model, processor, cfg)
+    recorder = SampledLogprobs(settings.suppress_tokens, cfg.temperature or 1.0)
+    settings.suppress_tokens = []  # the recorder suppresses them, after reading the raw logits
+    sharded = distributed.is_sharded(model)
+    static = lever(cfg, "static_cache", model) and not sharded
+    if static:  # on CUDA generate compiles the decode step for it
+        settings.cache_implementation = "static"
+        settings.max_cache_len = static_cache_length(width, settings.max_new_tokens)
+    with ExitStack() as context:
+        context.enter_context(policy.active())
+        context.enter_context(torch.no_grad())
+        if policy.adapter and hasattr(model, "disable_adapter") and lever(cfg, "merged_rollouts", model):
+            context.enter_context(merged_adapter(model))
+        # not under FSDP2: a rank that skipped the tower would leave the others waiting in its all-gather
+        cache = vision_cache(model) if lever(cfg, "vision_cache", model) and not sharded else None
+        prefilled = None
+        if lever(cfg, "shared_prefill", model) and not static and not sharded:
+            prefilled = prefilled_once(model, inputs, turns, cache)
+        if prefilled:  # the pictures are in the cache already: only the prompts' last tokens go in
+            inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+        elif cache is not None:
+            context.enter_context(cache.expecting(picture_key(t.image) for t in turns))
+        out = model.generate(**inputs, **(prefilled or {}), generation_config=settings, logits_processor=[recorder],
+                             synced_gpus=sharded)  # FSDP2: ranks step together
+    completions = out[:, width:]
+    logps = recorder.logprobs(completions).tolist()
     stops, n_tokens = stop_ids(model), 0
-    for turn, row in zip(turns, out[:, inputs["input_ids"].shape[1]:].tolist()):
+    for turn, row, row_logps in zip(turns, completions.tolist(), logps):
         end = next((i + 1 for i, tok in enumerate(row) if tok in stops), len(row))
         turn.completion_ids = row[:end]  # the stop token is trained too: it decides the length
+        turn.sampling_logps = row_logps[:end]
         turn.truncated = row[end - 1] not in stops
         turn.text = processor.tokenizer.decode(turn.completion_ids, skip_special_tokens=True)
         n_tokens += end
@@ -525,8 +740,7 @@ def generate(policy, processor, turns, cfg):
 def completion_batch(processor, turns, device):
     """Model inputs for prompt + sampled completion, and the completion ids and mask [B, T].
     Prompts are left-padded, so every completion starts at the same column."""
-    inputs = processor(text=[t.prompt for t in turns], images=[t.image for t in turns],
-                       padding=True, padding_side="left", return_tensors="pt")
+    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns])
     width = max(len(t.completion_ids) for t in turns)
     ids = torch.full((len(turns), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(turns), width))
@@ -538,6 +752,15 @@ def completion_batch(processor, turns, device):
     if "mm_token_type_ids" in inputs:  # transformers 5.x: without it the 3-D rotary positions fall back to 1-D
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
     return inputs.to(device), ids.to(device), mask.to(device)
+
+
+def sampling_logprob_batch(turns, device):
+    """The sampling policy's log-probs of the turns' completion tokens, [B, T] as completion_batch
+    lays them out (0 past a completion's end); None when a turn was not sampled by generate."""
+    if any(t.sampling_logps is None for t in turns):
+        return None
+    width = max(len(t.completion_ids) for t in turns)
+    return torch.tensor([t.sampling_logps + [0.0] * (width - len(t.sampling_logps)) for t in turns], device=device)
 
 
 def token_logprobs(model, inputs, completion_ids, temperature=1.0, with_entropy=False):
@@ -582,6 +805,16 @@ def add_game_args(parser):
                         help="what the spy sees: the edited image (v1, code) or an empty picture (v2 text)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest clue or decision completion")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of every turn")
+    parser.add_argument("--merged-rollouts", action=argparse.BooleanOptionalAction,
+                        help="sample through the LoRA merged into the base weights (restored bit for bit after); default: on CUDA")
+    parser.add_argument("--static-cache", action=argparse.BooleanOptionalAction,
+                        help="static KV cache, with which generate compiles the decode step on CUDA; default: on CUDA")
+    parser.add_argument("--vision-cache", action=argparse.BooleanOptionalAction,
+                        help="encode each distinct picture once per batch of games and reuse it in the update while the "
+                        "vision tower is frozen; default: on CUDA")
+    parser.add_argument("--shared-prefill", action=argparse.BooleanOptionalAction,
+                        help="prefill each distinct prompt of a call once (the judge's G samples) and copy its KV cache; "
+                        "with --no-static-cache only; default: on CUDA")
     parser.add_argument("--domain", choices=sorted(DOMAIN_RULES),
                         help="game rules the pairs are played under (default: each pair's own domain from pairs.jsonl; "
                              "photo for a folder without pairs.jsonl, so give --domain clevr for the released CLEVR pairs)")
@@ -607,6 +840,9 @@ def play_games(pairs, spy_seats, sides, processor, cfg):
     Returns (games, generated token count).
     """
     games = [Game(pair=p, spy=s) for p, s in zip(pairs, spy_seats)]
+    for policy in {id(side.model): side for pair_sides in sides for side in pair_sides}.values():
+        if lever(cfg, "vision_cache", policy.model) and vision_cache(policy.model) is not None:
+            vision_cache(policy.model).clear()  # the features of this batch's pictures only
     originals = [load_image(p["original"]) for p in pairs]
     spy_views = [blank_picture(im) if cfg.spy_image == "blank" else load_image(p["modified"])
                  for p, im in zip(pairs, originals)]

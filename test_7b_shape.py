@@ -1,10 +1,11 @@
 """run.sh's GPU settings at Qwen2.5-VL-7B's real layer shapes, on the CPU.
 
-    OMP_NUM_THREADS=1 python -m pytest -q test_7b_shape.py      # slow: 5 CPU-minutes, peak RSS 3 GB
+    OMP_NUM_THREADS=1 python -m pytest -q test_7b_shape.py      # slow: 10-15 CPU-minutes, peak RSS 3 GB
 
 bench_gpu.sh runs once, with its CPU fallback: a random-weight model with every layer of the 7B's
 shape (make_tiny_model.py --shape 7b, 1 text layer, 2 vision blocks, the real processor's pixel
-limits), 480x320 CLEVR pairs, run.sh's GPU branch (LoRA 64 on the text projections, gradient
+limits), 480x320 CLEVR pairs, the lever step (bench_levers.py: the plain path against every lever
+on, one game), then run.sh's GPU branch (LoRA 64 on the text projections, gradient
 checkpointing, micro-batch 4, bfloat16) for one decision-stage and one clue-stage iteration of 2
 games with 4-token turns, then evaluate.py and report.py. A random model's votes never parse, so
 in that run every advantage is 0 and the update changes nothing; the last test therefore takes
@@ -43,9 +44,9 @@ def test_shape_presets_fill_only_the_sizes_left_unset():
 def bench(tmp_path_factory):
     """The folder of one CPU run of bench_gpu.sh (model, games, run) and its printed output."""
     folder = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "BENCH": str(folder), "EVAL_GAMES": "2",
+    env = {**os.environ, "BENCH": str(folder), "EVAL_GAMES": "2", "CONFIGS": "plain,all",
            "CUDA_VISIBLE_DEVICES": ""}  # the CPU fallback even on a machine with a GPU
-    result = subprocess.run(["bash", "bench_gpu.sh"], cwd=HERE, capture_output=True, text=True, timeout=1500, env=env)
+    result = subprocess.run(["bash", "bench_gpu.sh"], cwd=HERE, capture_output=True, text=True, timeout=3000, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, result.stdout
 
@@ -89,6 +90,21 @@ def test_gpu_settings_run_both_stages_then_evaluate_and_report(bench):
     assert os.path.getsize(run / "report.html") > 0
     table = stdout[stdout.index("bench_gpu.sh on CPU"):].splitlines()
     assert [row.split()[:2] for row in table[2:4]] == [["1", "decision"], ["2", "clue"]]
+
+
+@pytest.mark.slow
+def test_levers_are_measured_against_the_plain_path(bench):
+    """bench_gpu.sh's first step: the same games with every lever off and on, at the 7B's shapes.
+    With the levers the tower encodes each distinct picture once in rollouts and never in the
+    update, and a decode step issues fewer ATen ops (merged LoRA)."""
+    folder, stdout = bench
+    results = json.load(open(folder / "levers.json"))["results"]
+    plain, every = results["plain"], results["all"]
+    assert "ratio to plain" in stdout and "| all |" in stdout
+    assert plain["decode_steps"] == every["decode_steps"] == 5 * 4  # 4 clue calls and the judge's, 4 tokens each
+    assert plain["encodes_rollouts"] == 4 + 2 and every["encodes_rollouts"] == 2  # one game: its 2 pictures
+    assert plain["encodes_update"] == 4 + 2 and every["encodes_update"] == 0  # --kl 0: the policy pass only
+    assert every["launches_per_decode_step"] < 0.8 * plain["launches_per_decode_step"]
 
 
 @pytest.mark.slow

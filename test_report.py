@@ -187,8 +187,11 @@ def test_real_run_report(real_run):
     for row in metrics:  # the diagnostics: a random model's votes never parse, so no group can teach
         assert row["frac_reward_zero_std"] == 1.0 and row["reward_std"] == 0.0
         assert row["clip_ratio/region_mean"] == 0.0 and 0 <= row["completions/clipped_ratio"] <= 1 and row["entropy"] > 0
-    for name in ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy"):
+    for name in ("frac_reward_zero_std", "reward_std", "clip_ratio/region_mean", "completions/clipped_ratio", "entropy",
+                 "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"):
         assert report.esc(name) in page
+    for row in metrics:  # fp32 on the CPU: the sampler and the trainer compute the same log-probs
+        assert 0 <= row["sampling/sampling_logp_difference/mean"] <= row["sampling/sampling_logp_difference/max"] < 1e-5
     assert ">max_new_tokens</span> 8<" in page and ">samples</span> 2<" in page
     games = [json.loads(line) for line in open(real_run / "games" / "iter_000002.jsonl")]
     for game in games:

@@ -28,7 +28,7 @@ def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=8,
                temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.04, grad_clip=1.0, beta=0.1, lam=0.1,
                rae_alpha=0.95, rae_update_first=False, rae_bias_correction=True, logprob_temperature=1.0, decision_reward="paper", lora_rank=0,
-               device="cpu", dtype=torch.float32, gradient_checkpointing=False)
+               device="cpu", dtype=torch.float32, gradient_checkpointing=False, length_buckets=True, tis_cap=None)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 

@@ -40,6 +40,7 @@ import random
 import shlex
 import sys
 import time
+from contextlib import ExitStack
 
 import torch
 from tqdm import tqdm
@@ -65,15 +66,33 @@ def k3_kl(logp, ref_logp):
     return torch.exp(delta) - delta - 1
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04):
+def policy_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, kl=0.04, is_weights=None):
     """Eq. 3 / Eq. 6: clipped surrogate plus beta_KL times k3, averaged per sequence then over
-    the batch. logp, old_logp, ref_logp, mask: [B, T]; adv: [B]. ref_logp may be None when kl = 0."""
+    the batch. logp, old_logp, ref_logp, mask: [B, T]; adv: [B]. ref_logp may be None when kl = 0.
+    is_weights [B, T] (truncated importance sampling, TRL's correction) multiply the surrogate
+    of each token, not the KL."""
     ratio = torch.exp(logp - old_logp)
     adv = adv.unsqueeze(1)
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if kl > 0:
         per_token = per_token + kl * k3_kl(logp, ref_logp)
     return sequence_mean(per_token, mask).mean()
+
+
+def truncated_is_weights(old_logp, sampling_logp, cap):
+    """Truncated importance sampling (Yao et al. 2025; TRL's vLLM correction): per token
+    min(pi_old / pi_sampling, cap) = min(exp(old_logp - sampling_logp), cap), with no gradient.
+    It re-weights tokens that the sampler (merged, bf16 or compiled weights) gave another
+    probability than the trained policy does; the cap bounds the variance."""
+    return torch.clamp(torch.exp(old_logp - sampling_logp), max=cap).detach()
+
+
+def length_sorted(indices, turns):
+    """A minibatch's turns in order of length (completion, then prompt), so that each micro-batch
+    holds turns of similar length and pads little; the loss is the same sum in another order."""
+    return sorted(indices, key=lambda i: (len(turns[i].completion_ids), len(turns[i].prompt)))
 
 
 def clipped_tokens(ratio, adv, clip=0.2):
@@ -167,16 +186,19 @@ def filler_turn(processor):
     return selfplay.Turn(-1, -1, selfplay.chat(processor, ""), Image.new("RGB", (56, 56), "white"), completion_ids=[pad])
 
 
-def micro_batches(n_turns, cfg):
-    """Per optimiser step, the index lists of its micro-batches, padded with empty lists (filler
-    turns) to the most that any rank has: every rank runs the same number of passes, even one
-    with no turns at all (a short batch). One process: no padding."""
-    size = max(1, math.ceil(n_turns / cfg.minibatches))
-    minibatches = [list(range(s, min(s + size, n_turns))) for s in range(0, n_turns, size)] or [[]]
+def micro_batches(turns, cfg):
+    """Per optimiser step, the index lists of its micro-batches (with --length-buckets, each step's
+    turns sorted by length first), padded with empty lists (filler turns) to the most that any rank
+    has: every rank runs the same number of passes, even one with no turns at all (a short batch).
+    One process: no padding."""
+    size = max(1, math.ceil(len(turns) / cfg.minibatches))
+    minibatches = [list(range(s, min(s + size, len(turns)))) for s in range(0, len(turns), size)] or [[]]
+    if cfg.length_buckets:
+        minibatches = [length_sorted(mb, turns) for mb in minibatches]
     chunks = [[mb[k:k + cfg.micro_batch] for k in range(0, len(mb), cfg.micro_batch)] for mb in minibatches]
-    steps = distributed.maximum(len(chunks))
+    steps = distributed.largest(len(chunks))
     chunks += [[] for _ in range(steps - len(chunks))]
-    passes = distributed.maximum(max(len(c) for c in chunks))
+    passes = distributed.largest(max(len(c) for c in chunks))
     return [c + [[] for _ in range(passes - len(c))] for c in chunks]
 
 
@@ -189,7 +211,7 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     ranks' sequences."""
     model = policy.model
     n_global = distributed.total(len(turns))
-    steps = micro_batches(len(turns), cfg)
+    steps = micro_batches(turns, cfg)
     filler = filler_turn(processor)
 
     def batch(chunk):  # (turns, advantages) of a micro-batch; an empty one is the filler, whose loss counts 0 times
@@ -202,12 +224,14 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         with torch.no_grad():
             for s, step_chunks in enumerate(steps[1:], 1):
                 for c, chunk in enumerate(step_chunks):
-                    inputs, ids, _ = selfplay.completion_batch(processor, batch(chunk)[0], model.device)
-                    with policy.active():
+                    chunk_turns = batch(chunk)[0]
+                    inputs, ids, _ = selfplay.completion_batch(processor, chunk_turns, model.device)
+                    with policy.active(), selfplay.reused_vision(model, chunk_turns, cfg):
                         old_logps[s, c] = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature)
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
+    drift_sum, drift_max, drift_tokens = 0.0, 0.0, 0.0  # |recomputed - sampling| log-prob, over sampled turns
     for s, step_chunks in enumerate(steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss, mb_global = 0.0, distributed.total(sum(len(chunk) for chunk in step_chunks))
@@ -220,16 +244,26 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
             inputs, ids, mask = selfplay.completion_batch(processor, chunk_turns, model.device)
             ref_logp = None
             if cfg.kl > 0:  # no reference pass at all when the KL term is off
-                with torch.no_grad(), reference.active():
+                # LoRA: the same model with its adapter off sees the same pictures; a separate reference keeps its tower
+                reused = selfplay.reused_vision(model, chunk_turns, cfg) if reference.model is model else ExitStack()
+                with torch.no_grad(), reference.active(), reused:
                     ref_logp = selfplay.token_logprobs(reference.model, inputs, ids, cfg.logprob_temperature)
-            with policy.active():
+            with policy.active(), selfplay.reused_vision(model, chunk_turns, cfg):
                 logp, token_entropy = selfplay.token_logprobs(model, inputs, ids, cfg.logprob_temperature, with_entropy=True)
             old_logp = old_logps.get((s, c), logp.detach())
-            loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl)
+            sampling_logp = selfplay.sampling_logprob_batch(chunk_turns, model.device) if chunk else None
+            is_weights = None
+            if sampling_logp is not None and cfg.tis_cap:
+                is_weights = truncated_is_weights(old_logp, sampling_logp, cfg.tis_cap)
+            loss = policy_loss(logp, old_logp, ref_logp, adv, mask, cfg.clip, cfg.kl, is_weights)
             # DDP and FSDP2 average gradients over ranks: times the world size, it is the mean over all ranks' sequences
             (loss * len(chunk) / max(mb_global, 1) * distributed.world_size()).backward()
             if not chunk:
                 continue
+            if sampling_logp is not None:
+                drift = (old_logp - sampling_logp).abs() * mask
+                drift_sum, drift_tokens = drift_sum + drift.sum().item(), drift_tokens + mask.sum().item()
+                drift_max = max(drift_max, drift.max().item())
             ratio = torch.exp(logp.detach() - old_logp)
             tokens += mask.sum().item()
             clipped += (clipped_tokens(ratio, adv, cfg.clip) * mask).sum().item()
@@ -251,9 +285,14 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         total_loss += step_loss * mb_global / max(n_global, 1)
     model.eval()
     tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
-    return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
-            "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
-            "entropy": entropy / max(tokens, 1)}
+    drift_sum, drift_tokens = distributed.total(drift_sum), distributed.total(drift_tokens)
+    metrics = {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
+               "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
+               "entropy": entropy / max(tokens, 1)}
+    if drift_tokens:
+        metrics["sampling/sampling_logp_difference/mean"] = drift_sum / drift_tokens
+        metrics["sampling/sampling_logp_difference/max"] = distributed.largest(drift_max)
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -344,7 +383,8 @@ def batch_pairs(pairs, iteration, cfg):
     return selfplay.decodable_pairs([at(k) for k in range(end - cfg.games, end)], spares)
 
 
-def parse_args(stage):
+def parse_args(stage, argv=None):
+    """The stage script's flags (argv: a list instead of the command line, for bench_levers.py)."""
     p = argparse.ArgumentParser(description=f"Vision-Zero {stage} stage (see the docstring of trainer.py)",
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="Hugging Face model id or folder: the initial policy and the KL reference")
@@ -366,6 +406,11 @@ def parse_args(stage):
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped ratio")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward pass (memory vs speed)")
+    p.add_argument("--length-buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="sort each optimiser step's turns by length before cutting micro-batches (less padding; the same loss)")
+    p.add_argument("--tis-cap", type=float,
+                   help="truncated importance sampling: weight each token's surrogate by min(pi_old / pi_sampling, CAP) "
+                   "(TRL uses 2); for when sampling_logp_difference shows the sampler drifting from the trained policy. Default: off")
     p.add_argument("--minibatches", type=int, default=1,
                    help="optimiser steps per iteration, each on its share of the batch (the paper: 1; more = PPO-style reuse)")
     p.add_argument("--beta", type=float, default=0.1, help="Eq. 1: weight of the spy's exposure")
@@ -394,7 +439,7 @@ def parse_args(stage):
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="compute dtype; auto = bfloat16 on cuda, float32 on cpu (full fine-tuning keeps fp32 master weights and computes under autocast; LoRA adapters are fp32)")
     tracking.add_args(p)
-    cfg = p.parse_args()
+    cfg = p.parse_args(argv)
     selfplay.check_game_args(cfg)
     if cfg.save_every is None:
         cfg.save_every = 1 if cfg.lora_rank > 0 else 10
@@ -408,6 +453,8 @@ def parse_args(stage):
         cfg.logprob_temperature = cfg.temperature
     if cfg.logprob_temperature <= 0:
         p.error("--logprob-temperature must be positive")
+    if cfg.tis_cap is not None and cfg.tis_cap <= 0:
+        p.error("--tis-cap must be positive (it is the largest importance weight a token gets)")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.dtype == "auto":

@@ -218,6 +218,7 @@ def main():
                    help="fail when the final held-out yes/no accuracy is below this (the model is kept): 0.9 before "
                         "RL in the edited-picture game")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (gpu_learn.sh): where the model trains")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the update order")
     args = p.parse_args()
     if os.path.exists(os.path.join(args.out, "config.json")):
@@ -247,7 +248,7 @@ def main():
     cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, seed=args.seed)
 
     processor = selfplay.load_processor(args.model)
-    model = selfplay.load_model(args.model, "cpu", torch.float32).train()
+    model = selfplay.load_model(args.model, args.device, torch.float32).train()
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
