@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -45,6 +46,7 @@ from tqdm import tqdm
 import checkpoints
 import distributed
 import selfplay
+import warm_start
 
 # -----------------------------------------------------------------------------
 # The algorithm: loss and switching rule
@@ -128,11 +130,26 @@ def learning_rate(iteration, cfg):
 # One optimiser step on a stage's samples
 
 
-def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
+def seeing_term(policy, processor, examples, weight):
+    """The --aux-data term of one optimiser step: backward of weight x the warm start's loss (mean
+    per-token negative log-likelihood of the targets) on generator-labelled seeing examples
+    (warm_start.seeing_examples). Returns that loss. A device of the tiny CPU demo, standing in
+    for the pretraining a real VLM keeps: RL on the judge alone unlearns the yes/no check."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with policy.active():
+        logp, mask = warm_start.target_logprob(policy.model, processor, warm_start.make_turns(examples, processor, eos))
+    loss = (-logp / mask.sum(-1)).mean()
+    (weight * loss).backward()
+    return loss.item()
+
+
+def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr, aux_batches=None, aux_weight=0.0):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
-    accumulated over micro-batches, clipped and skipped if not finite.
+    accumulated over micro-batches, clipped and skipped if not finite. With aux_weight > 0, the
+    k-th step also trains aux_batches[k] (seeing_term).
     Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
-    skipped, the share of completion tokens where the clip bound, and their mean entropy.
+    skipped, the share of completion tokens where the clip bound, and their mean entropy (and
+    aux_loss, the seeing term's mean, when it is on).
     Under torchrun `turns` are this rank's; the loss and every metric are over all ranks' sequences."""
     model = policy.model
     n_global = distributed.total(len(turns))
@@ -151,8 +168,12 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     model.train()
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
-    for mb, mb_chunks in zip(minibatches, chunks):
+    aux_losses = []
+    for k, (mb, mb_chunks) in enumerate(zip(minibatches, chunks)):
         optimizer.zero_grad(set_to_none=True)
+        if aux_weight > 0 and aux_batches:  # first, unsynced: the step's last micro-batch syncs both
+            distributed.sync_gradients(model, False)
+            aux_losses.append(seeing_term(policy, processor, aux_batches[k], aux_weight))
         step_loss, mb_global = 0.0, distributed.total(len(mb))
         for chunk in mb_chunks:
             distributed.sync_gradients(model, chunk is mb_chunks[-1])  # once per step, not per micro-batch
@@ -189,9 +210,12 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
         total_loss += step_loss * mb_global / n_global
     model.eval()
     tokens, clipped, entropy = (distributed.total(x) for x in (tokens, clipped, entropy))
-    return {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
-            "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
-            "entropy": entropy / max(tokens, 1)}
+    metrics = {"loss": total_loss, "kl": distributed.total(total_kl), "grad_norm": max_grad_norm if not skipped else float("nan"),
+               "skipped_update": skipped, "clip_ratio/region_mean": clipped / max(tokens, 1),
+               "entropy": entropy / max(tokens, 1)}
+    if aux_losses:
+        metrics["aux_loss"] = sum(aux_losses) / len(aux_losses)
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +320,14 @@ def parse_args(stage):
     p.add_argument("--patience", type=int, default=20, help="P: iterations after which the stage switches regardless")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on the text model (0 = full fine-tune with a frozen reference copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, ~30%% slower)")
+    p.add_argument("--aux-data", help="cells pairs folder (make_games.py --domain cells) of the seeing tasks: with "
+                   "--aux-weight > 0 its training split's yes/no and list examples join every optimiser step; its "
+                   "held-out split's yes/no accuracy is logged (heldout_yes_no) every --seeing-every iterations")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the seeing tasks' supervised loss beside Eq. 3/6 (0: off, the paper's update; a "
+                   "device of the tiny CPU demo, standing in for the pretraining a real VLM keeps)")
+    p.add_argument("--aux-batch", type=int, default=8, help="seeing examples per optimiser step")
+    p.add_argument("--seeing-every", type=int, default=10, help="iterations between held-out yes/no checks with --aux-data")
     p.add_argument("--save-every", type=int, default=1, help="save a checkpoint every this many iterations (and at every exit)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair order, spy seats and sampling")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when available)")
@@ -306,6 +338,10 @@ def parse_args(stage):
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr is None:
         cfg.lr = 1e-4 if cfg.lora_rank > 0 else 1e-5
+    if cfg.aux_weight < 0 or cfg.aux_batch < 1 or cfg.seeing_every < 1:
+        p.error("need --aux-weight >= 0, --aux-batch >= 1 and --seeing-every >= 1")
+    if cfg.aux_weight > 0 and not cfg.aux_data:
+        p.error("--aux-weight needs --aux-data, the cells pairs of the seeing tasks (e.g. the run's --data)")
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
     if cfg.logprob_temperature is None:
@@ -337,6 +373,28 @@ def batch_metrics(games, cfg):
         "clue_tokens": sum(len(t.completion_ids) for t in clues) / len(clues),
         "decision_tokens": sum(len(t.completion_ids) for t in decisions) / len(decisions),
     }
+
+
+def seeing_data(cfg):
+    """--aux-data's training pairs with their images and 400 held-out yes/no questions (the warm
+    start's, seed 0), or None without --aux-data."""
+    if not cfg.aux_data:
+        return None
+    pairs, images = warm_start.cells_pairs(cfg.aux_data, "train")
+    held_out, held_images = warm_start.cells_pairs(cfg.aux_data, "eval")
+    if not pairs or not held_out:
+        sys.exit(f"error: --aux-data {cfg.aux_data} holds no cells pairs in its training or held-out split; make them "
+                 f"with `python make_games.py --domain cells --n 2000 --out {cfg.aux_data}`")
+    return SimpleNamespace(pairs=pairs, images=images, questions=warm_start.held_out_questions(held_out, held_images, 0))
+
+
+def aux_batches_of(seeing, iteration, cfg):
+    """The seeing examples of an iteration's optimiser steps (None when the term is off): seeded by
+    (seed, iteration, rank), so that a resumed run trains on the same ones."""
+    if seeing is None or cfg.aux_weight <= 0:
+        return None
+    rng = random.Random(f"{cfg.seed}-aux-{iteration}-{distributed.rank()}")
+    return [warm_start.seeing_examples(seeing.pairs, seeing.images, cfg.aux_batch, rng, cfg) for _ in range(cfg.minibatches)]
 
 
 # -----------------------------------------------------------------------------
@@ -384,6 +442,9 @@ def main(stage, clue_stage, decision_stage):
     if checkpoint:
         distributed.load_optimizer(policy.model, optimizer, torch.load(os.path.join(checkpoint, "optimizer.pt"), weights_only=True))
 
+    seeing = seeing_data(cfg)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
         iteration = state["iteration"] + 1
@@ -417,8 +478,13 @@ def main(stage, clue_stage, decision_stage):
             turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
         lr = learning_rate(iteration, cfg)
-        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
+        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr,
+                          aux_batches_of(seeing, iteration, cfg), cfg.aux_weight)
         updated = time.time()
+        if seeing is not None and (iteration % cfg.seeing_every == 0 or iteration == cfg.iterations):
+            with policy.active():
+                step["heldout_yes_no"] = warm_start.attribute_accuracy(policy.model, processor, seeing.questions, eos)
+            policy.model.eval()
 
         batch = {**batch_metrics(games, cfg), **decision_stage.reward_spread(games)}
         update_decision_emas(state, batch["acc"], batch["na"], cfg)
