@@ -52,7 +52,14 @@ export OMP_NUM_THREADS=$THREADS
 # steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for the same progress),
 # the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3 blank-game
 # Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
-RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
+RL_FLAGS="--rounds ${ROUNDS:-2} --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
+if [ "$GAME" = modified ]; then
+  # the judge reads the clues and the question only, and every optimiser step also trains the
+  # warm start's yes/no and list tasks on the training pairs (weight AUX_WEIGHT; 0: RL alone):
+  # without both, the judge unlearns seeing and learns text (docs/learn_cpu.md)
+  RL_FLAGS="$RL_FLAGS --judge-prompt short --aux-data $DATA --aux-weight ${AUX_WEIGHT:-1} --aux-batch 8 --seeing-every 10"
+fi
+GAMES=${GAMES:-16}  # games per iteration
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
@@ -67,7 +74,7 @@ fi
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
-  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES=16 \
+  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
     SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 PYTHON="$PYTHON" EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
 
@@ -108,12 +115,17 @@ for schedule, evals in runs.items():
                     f"{cell(evals, lambda e: e['decision_acc'] - e['decision_acc_baseline'])} | "
                     f"{cell(evals, lambda e: e['win_rate'])} | {cell(evals, lambda e: e['win_rate_civilian_side'])} / "
                     f"{cell(evals, lambda e: e['win_rate_spy_side'])} |")
-rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy |", "|---|---|---|---|---|"]
+def number(e, key):  # a field of eval.json that older evaluations lack
+    return f"{e[key]:.3f}" if isinstance(e.get(key), (int, float)) else "-"
+rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy | the same judge, another game's picture "
+         "| held-out yes/no, warm start -> trained |", "|---|---|---|---|---|---|---|"]
 for schedule, evals in runs.items():
     for path, e in zip(paths[schedule], evals):
         rows.append(f"| {os.path.basename(os.path.dirname(path))} | {e['decision_acc']:.3f} | "
                     f"{e['decision_acc'] - e['decision_acc_baseline']:+.3f} | {e['win_rate']:.3f} | "
-                    f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} |")
+                    f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} | "
+                    f"{number(e, 'decision_acc_wrong_picture')} | {number(e, 'heldout_yes_no_reference')} -> "
+                    f"{number(e, 'heldout_yes_no')} |")
 table = "\n".join(rows)
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -123,8 +135,9 @@ print(table)
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-# left, when the warm start kept one: its held-out yes/no accuracy; right: each run's training
-# judge accuracy (10-iteration moving mean), one colour per schedule
+# left, when the warm start kept one: its held-out yes/no accuracy, then each run's during RL
+# (heldout_yes_no, with --aux-data); right: each run's training judge accuracy (10-iteration
+# moving mean), one colour per schedule
 try:
     with open(os.path.join(out, "warm-start", "warm_start.json")) as f:
         curve = json.load(f).get("attribute_curve")
@@ -134,7 +147,16 @@ fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 7, 3.5)
 if curve:
     axes[0][0].plot([step for step, _ in curve], [acc for _, acc in curve], "o-", color="C4")
     axes[0][0].axhline(0.9, color="gray", ls="--", lw=0.8, label="required before RL")
-    axes[0][0].set(xlabel="warm-start step", ylabel="held-out yes/no accuracy", title="warm start: is there a <colour> square?")
+    end = curve[-1][0]  # RL iterations drawn after the warm start's steps, one step per iteration
+    for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
+        for k, path in enumerate(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "metrics.jsonl")))):
+            checks = [(row["iteration"], row["heldout_yes_no"]) for row in jsonl.read_jsonl(path)
+                      if isinstance(row.get("heldout_yes_no"), (int, float))]
+            if checks:
+                axes[0][0].plot([end + 10 * i for i, _ in checks], [a for _, a in checks], ".-", color=colour, alpha=0.8,
+                                label=f"{schedule} RL (x10 iterations)" if k == 0 else None)
+    axes[0][0].set(xlabel="warm-start step, then RL iteration x 10", ylabel="held-out yes/no accuracy",
+                   title="is there a <colour> square? (held-out)")
     axes[0][0].legend(fontsize=8)
 ax = axes[0][-1]
 for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
@@ -145,6 +167,9 @@ for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue"
 if ceilings:
     ax.axhline(statistics.mean(ceilings), color="C3", ls="-.", label="colour-checking judge (held-out)")
 ax.axhline(base, color="gray", ls="--", label="warm start (held-out)")
+wrong = [e["decision_acc_wrong_picture"] for e in every if isinstance(e.get("decision_acc_wrong_picture"), (int, float))]
+if wrong:  # the control: the trained judges seeing another game's picture
+    ax.axhline(statistics.mean(wrong), color="C5", ls=":", label="trained judge, another game's picture (held-out)")
 ax.axhline(0.25, color="black", ls=":", lw=0.8, label="chance (1 of 4 seats)")
 ax.set_xlabel("iteration")
 ax.set_ylabel("judge accuracy (10-it mean)")

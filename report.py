@@ -49,6 +49,7 @@ PANELS = [
     ("learning signal of the decision groups", ["frac_reward_zero_std", "reward_std"]),
     ("clipped tokens, truncated completions", ["clip_ratio/region_mean", "completions/clipped_ratio"]),
     ("token entropy of the trained completions (nats)", ["entropy"]),
+    ("seeing (--aux-data): held-out yes/no, seeing-term loss", ["heldout_yes_no", "aux_loss"]),
 ]
 # C0 control characters (tab and newlines kept) that model text may contain
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -103,8 +104,8 @@ def draw_curves(metrics, config):
         else:
             spans.append([row.get("stage"), it, it])
     # the panel of the switching rule spans the top row, the others share the three rows below
-    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh"), list("ijk.")], figsize=(16, 13), sharex=True)
-    panel_axes = [axes[name] for name in ["rule", *"abcdefghijk"]]
+    fig, axes = plt.subplot_mosaic([["rule"] * 4, list("abcd"), list("efgh"), list("ijkl")], figsize=(16, 13), sharex=True)
+    panel_axes = [axes[name] for name in ["rule", *"abcdefghijkl"]]
     for ax, (title, keys) in zip(panel_axes, PANELS):
         for stage, first, last in spans:
             ax.axvspan(first - 0.5, last + 0.5, color=STAGE_COLORS.get(stage, "#999999"), alpha=0.12, lw=0)
@@ -114,7 +115,10 @@ def draw_curves(metrics, config):
             if all(math.isnan(v) for v in values):
                 continue
             ema = key.endswith("_ema")
-            ax.plot(iterations, values, label=key, lw=2.0 if ema else 1.2, alpha=1.0 if ema else 0.6,
+            xs = iterations
+            if sum(not math.isnan(v) for v in values) < len(values) / 2:  # a check of every few iterations: join its points
+                xs, values = zip(*[(x, v) for x, v in zip(iterations, values) if not math.isnan(v)])
+            ax.plot(xs, values, label=key, lw=2.0 if ema else 1.2, alpha=1.0 if ema else 0.6,
                     marker="" if len(values) > 30 else ".")
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
@@ -134,7 +138,7 @@ def draw_curves(metrics, config):
     for ax in panel_axes[1:]:
         if ax.lines:
             ax.legend(fontsize=7, loc="best")
-    for name in "efgh":
+    for name in "ijkl":
         axes[name].set_xlabel("iteration")
     fig.tight_layout()
     buffer = io.BytesIO()
