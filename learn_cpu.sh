@@ -43,6 +43,8 @@ ITERATIONS=${ITERATIONS:-$DEFAULT_ITERATIONS}
 SEEDS=${SEEDS:-"0 1 2"}
 SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pairs and warm start only
 EVAL_GAMES=${EVAL_GAMES:-200}
+GAMES=${GAMES:-16}  # games per iteration
+ROUNDS=${ROUNDS:-$([ "$GAME" = modified ] && echo 1 || echo 2)}  # clue rounds of the RL games
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
@@ -52,14 +54,13 @@ export OMP_NUM_THREADS=$THREADS
 # steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for the same progress),
 # the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3 blank-game
 # Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
-RL_FLAGS="--rounds ${ROUNDS:-2} --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
+RL_FLAGS="--rounds $ROUNDS --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
 if [ "$GAME" = modified ]; then
   # the judge reads the clues and the question only, and every optimiser step also trains the
   # warm start's yes/no and list tasks on the training pairs (weight AUX_WEIGHT; 0: RL alone):
   # without both, the judge unlearns seeing and learns text (docs/learn_cpu.md)
   RL_FLAGS="$RL_FLAGS --judge-prompt short --aux-data $DATA --aux-weight ${AUX_WEIGHT:-1} --aux-batch 8 --seeing-every 10"
 fi
-GAMES=${GAMES:-16}  # games per iteration
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
@@ -71,10 +72,20 @@ if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made)
 fi
 "$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" "${WARM_FLAGS[@]}" \
   --threads "$THREADS" --spy-image "$GAME"
+START=$OUT/warm-start  # the initial policy of every run
+if [ "$GAME" = modified ]; then
+  # the judge's short prompt and one clue round (half the cost of a game): 300 more steps of the
+  # same tasks (vote and clue formats, yes/no, list) in those prompts, since a model votes only in
+  # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt)
+  START=$OUT/warm-start-short
+  "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps 300 --list-steps 0 --warmup 20 \
+    --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 --require-attribute 0.9 \
+    --threads "$THREADS" --spy-image modified
+fi
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
-  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
+  MODEL="$START" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
     SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 PYTHON="$PYTHON" EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
 

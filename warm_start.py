@@ -229,6 +229,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="clue rounds in the prompts (as the RL runs)")
     p.add_argument("--spy-image", choices=["modified", "blank"], default="modified",
                    help="what the spy sees in the games to come (as the RL runs' --spy-image)")
+    p.add_argument("--judge-prompt", choices=["full", "short"], default="full",
+                   help="the vote task's prompt (as the RL runs' --judge-prompt): a model votes only in the prompts it was taught")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out yes/no checks (0: at the end only)")
     p.add_argument("--require-attribute", type=float, default=0.0,
                    help="fail when the final held-out yes/no accuracy is below this (the model is kept): 0.9 before "
@@ -258,7 +260,8 @@ def main():
     held_out, held_images = cells_pairs(args.data, "eval")
     if not held_out:
         sys.exit(f"error: no held-out cells pairs in {args.data} (about 10% of the ids); make at least 100 pairs")
-    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, seed=args.seed)
+    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, judge_prompt=args.judge_prompt,
+                          seed=args.seed)
 
     processor = selfplay.load_processor(args.model)
     model = selfplay.load_model(args.model, "cpu", torch.float32).train()
