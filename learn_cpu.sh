@@ -59,7 +59,7 @@ if [ "$GAME" = modified ]; then
   # the judge reads the clues and the question only, and every optimiser step also trains the
   # warm start's yes/no and list tasks on the training pairs (weight AUX_WEIGHT; 0: RL alone):
   # without both, the judge unlearns seeing and learns text (docs/learn_cpu.md)
-  RL_FLAGS="$RL_FLAGS --judge-prompt short --aux-data $DATA --aux-weight ${AUX_WEIGHT:-1} --aux-batch 8 --seeing-every 10"
+  RL_FLAGS="$RL_FLAGS --judge-prompt short --aux-data $DATA --aux-weight ${AUX_WEIGHT:-1} --aux-batch 8 --seeing-every 20"
 fi
 
 mkdir -p "$OUT"
