@@ -3,7 +3,7 @@
 # trainer.py (via run.sh) that train Qwen2.5-VL-7B? (docs/learn_cpu.md has the measured answers.)
 #
 #   bash learn_cpu.sh                                  # the blank-spy game, everything below
-#   GAME=modified bash learn_cpu.sh                    # the edited-picture game (it does not learn)
+#   GAME=modified SIZE=56 bash learn_cpu.sh            # the edited-picture game, short judge prompt + seeing term
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
 #
 # 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens;
@@ -13,11 +13,16 @@
 #    (GAME=modified, the paper's game)
 # 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once). For
 #    the edited-picture game it must answer held-out "is there a red square?" questions at 90%
-#    before any RL starts (--require-attribute 0.9)
+#    before any RL starts (--require-attribute 0.9), and a second, 300-step phase teaches the
+#    RL games' prompts: the judge's short one and ROUNDS clue rounds (warm-start-short)
 # 4. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
 #    evaluate.py (trained vs the frozen warm start on held-out pairs, the warm start alone in the
-#    same games: the baseline, and the colour-checking judge's ceiling) and report.py
-# 5. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
+#    same games: the baseline, the colour-checking judge's ceiling, the trained judge given
+#    another game's picture, held-out yes/no) and report.py
+# 5. a table of the results, OUT/results.md, and the runs' curves (yes/no, judge accuracy),
+#    OUT/schedules.png
+# Settings: GAMES per iteration (16), ROUNDS of clues (edited picture 1, blank 2), AUX_WEIGHT of the
+# seeing term (edited picture: 1; 0 is RL alone), ITERATIONS, SEEDS, SCHEDULES, EVAL_GAMES.
 # Every step is skipped when its output exists, so a rerun continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -77,7 +82,7 @@ if [ "$GAME" = modified ]; then
   # the judge's short prompt and one clue round (half the cost of a game): 300 more steps of the
   # same tasks (vote and clue formats, yes/no, list) in those prompts, since a model votes only in
   # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt)
-  START=$OUT/warm-start-short
+  START=$OUT/warm-start-short$([ "$ROUNDS" = 1 ] || echo "-r$ROUNDS")  # cached per number of rounds
   "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps 300 --list-steps 0 --warmup 20 \
     --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 --require-attribute 0.9 \
     --threads "$THREADS" --spy-image modified
