@@ -17,6 +17,12 @@ seats), so decision_acc - decision_acc_baseline is what training changed; chance
 the standard errors of both over games and the win rate's 95% Wilson interval say how sure it is. In the cells game with
 the edited picture, decision_acc_colour_check is the ceiling of those same games: the accuracy of a
 judge that checks each clue's colour words against its picture (colour_check_accuracy).
+decision_acc_wrong_picture is the control that shows whether the trained judge looks: the same
+judge in the same games (clues and spy seats) seeing the original picture of another held-out
+pair instead of the game's own. A judge that reads only the clues scores the same as
+decision_acc; one that checks the clues against its picture scores lower. In the cells game,
+heldout_yes_no and heldout_yes_no_reference are the trained and the initial model's accuracy on
+warm_start.py's 400 held-out "is there a <colour> square?" questions.
 """
 import argparse
 import json
@@ -32,6 +38,7 @@ import cli
 import selfplay
 import checkpoints
 import trainer
+import warm_start
 from make_games import cells_colours, colours_named
 
 
@@ -72,6 +79,31 @@ def uncertainty(as_civilians, replayed, wins, n_games, n_players):
     of the time; standard errors of both accuracies over games; the win rate's 95% interval."""
     return {"chance": 1 / n_players, "decision_acc_se": per_game_se(as_civilians),
             "decision_acc_baseline_se": per_game_se(replayed), "win_rate_ci95": wilson_interval(wins, n_games)}
+def other_pairs(games, pairs, rng):
+    """For each game a held-out pair other than its own (by id), uniformly: whose picture its judge
+    sees in the wrong-picture control."""
+    chosen = []
+    for game in games:
+        others = [p for p in pairs if p["id"] != game.pair["id"]]
+        if not others:
+            sys.exit("error: the wrong-picture control needs at least 2 held-out pairs; make more pairs")
+        chosen.append(rng.choice(others))
+    return chosen
+
+
+def wrong_picture_accuracy(games, pairs, policy, processor, cfg, seed, batch):
+    """Decision accuracy of `policy` in `games` (their clues and spy seats) when its judge or voters
+    see another held-out pair's original picture (other_pairs) instead of the game's own."""
+    replays = [selfplay.Game(pair=g.pair, spy=g.spy, clues=g.clues) for g in games]
+    pictures = [selfplay.load_image(p["original"]) for p in other_pairs(games, pairs, random.Random(seed))]
+    torch.manual_seed(seed)
+    for start in range(0, len(replays), batch):
+        requests = selfplay.decision_requests(replays[start:start + batch], pictures[start:start + batch], processor, cfg)
+        selfplay.generate(policy, processor, [turn for _, _, turn in requests], cfg)
+        for g, _, turn in requests:
+            turn.parsed = selfplay.parse_vote(turn.text, cfg.players)
+            replays[start + g].decisions.append(turn)
+    return selfplay.decision_stats(replays)["acc"]
 
 
 def main():
@@ -124,6 +156,19 @@ def main():
     trained_stats, reference_stats = selfplay.decision_stats(as_civilians), selfplay.decision_stats(as_spy)
     # the trained civilians' games replayed by the initial model alone: the accuracy it started from
     replayed = play([k for k in range(args.games) if trained_civilians[k]], lambda k: (reference, reference), "baseline")
+    wrong_picture = wrong_picture_accuracy(as_civilians, pairs, trained, processor, cfg, args.seed, args.batch)
+    seeing = {}
+    if all(g.domain == "cells" for g in games):  # the yes/no check needs the generator's scene records
+        try:
+            questions = warm_start.held_out_questions(*warm_start.cells_pairs(cfg.data, "eval"), 0)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            questions = []
+        if questions:
+            eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            for key, policy in (("heldout_yes_no", trained), ("heldout_yes_no_reference", reference)):
+                with policy.active():
+                    seeing[key] = warm_start.attribute_accuracy(policy.model, processor, questions, eos)
+                policy.model.eval()
     ceiling = None  # only the cells game with the edited picture has one
     if cfg.spy_image == "modified" and all(g.domain == "cells" for g in games):
         try:
@@ -137,7 +182,7 @@ def main():
         "na_rate": trained_stats["na"], "na_rate_reference": reference_stats["na"],
         "invalid_vote_rate": trained_stats["invalid_vote_rate"],
         "decision_acc_baseline": selfplay.decision_stats(replayed)["acc"],
-        "decision_acc_colour_check": ceiling,
+        "decision_acc_colour_check": ceiling, "decision_acc_wrong_picture": wrong_picture, **seeing,
         "trained": checkpoint, "reference": cfg.model, "data": cfg.data, "held_out_pairs": len(pairs),
         "seed": args.seed,
     }
@@ -149,7 +194,8 @@ def main():
     print(f"win rate {result['win_rate']:.3f} over {len(games)} held-out games "
           f"(as civilians {result['win_rate_civilian_side']:.3f}, as spy {result['win_rate_spy_side']:.3f}); "
           f"decision accuracy {result['decision_acc']:.3f} vs reference {result['decision_acc_reference']:.3f}"
-          f" (the initial model in the same games: {result['decision_acc_baseline']:.3f}); "
+          f" (the initial model in the same games: {result['decision_acc_baseline']:.3f}; the trained judge "
+          f"seeing another game's picture: {wrong_picture:.3f}); "
           f"written to {os.path.join(args.out, 'eval.json')}")
 
 

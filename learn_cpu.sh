@@ -3,7 +3,7 @@
 # trainer.py (via run.sh) that train Qwen2.5-VL-7B? (docs/learn_cpu.md has the measured answers.)
 #
 #   bash learn_cpu.sh                                  # the blank-spy game, everything below
-#   GAME=modified bash learn_cpu.sh                    # the edited-picture game (it does not learn)
+#   GAME=modified SIZE=56 bash learn_cpu.sh            # the edited-picture game, short judge prompt + seeing term
 #   SEEDS="0" SCHEDULES="iterative" bash learn_cpu.sh   # one run only
 #
 # 1. a 2.1M-parameter random Qwen2.5-VL (make_tiny_model.py; 112x112 images = 16 visual tokens;
@@ -13,11 +13,16 @@
 #    (GAME=modified, the paper's game)
 # 3. a warm start from the generator's own labels only (warm_start.py; cached: runs once). For
 #    the edited-picture game it must answer held-out "is there a red square?" questions at 90%
-#    before any RL starts (--require-attribute 0.9)
+#    before any RL starts (--require-attribute 0.9), and a second, 300-step phase teaches the
+#    RL games' prompts: the judge's short one and ROUNDS clue rounds (warm-start-short)
 # 4. for each schedule and seed: ITERATIONS iterations of RL from the warm start (run.sh), then
 #    evaluate.py (trained vs the frozen warm start on held-out pairs, the warm start alone in the
-#    same games: the baseline, and the colour-checking judge's ceiling) and report.py
-# 5. a table of the results, OUT/results.md, and the runs' accuracy curves, OUT/schedules.png
+#    same games: the baseline, the colour-checking judge's ceiling, the trained judge given
+#    another game's picture, held-out yes/no) and report.py
+# 5. a table of the results, OUT/results.md, and the runs' curves (yes/no, judge accuracy),
+#    OUT/schedules.png
+# Settings: GAMES per iteration (16), ROUNDS of clues (edited picture 1, blank 2), AUX_WEIGHT of the
+# seeing term (edited picture: 1; 0 is RL alone), ITERATIONS, SEEDS, SCHEDULES, EVAL_GAMES.
 # Every step is skipped when its output exists, so a rerun continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,6 +50,7 @@ SCHEDULES=${SCHEDULES-"iterative decision clue"}  # SCHEDULES="" : the model, pa
 EVAL_GAMES=${EVAL_GAMES:-200}
 GAMES=${GAMES:-16}  # games per iteration (gpu_learn.sh: many more)
 WARM_DEVICE=${WARM_DEVICE:-cpu}  # where the warm start trains (gpu_learn.sh: cuda)
+ROUNDS=${ROUNDS:-$([ "$GAME" = modified ] && echo 1 || echo 2)}  # clue rounds of the RL games
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-1}  # more threads than free cores makes torch many times slower, not faster
 export OMP_NUM_THREADS=$THREADS
@@ -54,7 +60,14 @@ export OMP_NUM_THREADS=$THREADS
 # steps at 2e-3 learned in 2 of 3 seeds; more, smaller steps drift less for the same progress),
 # the paper's KL 0.04 (without it the clue stage broke every format in 2 of 3 blank-game
 # Iterative-SPO runs), K_min and patience (docs/learn_cpu.md)
-RL_FLAGS="--rounds 2 --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME ${RL_EXTRA:-}"
+RL_FLAGS="--rounds $ROUNDS --max-new-tokens 8 --samples 8 --lr 1e-3 --minibatches 8 --kl 0.04 --k-min 5 --patience 20 --micro-batch 32 --spy-image $GAME"
+if [ "$GAME" = modified ]; then
+  # the judge reads the clues and the question only, and every optimiser step also trains the
+  # warm start's yes/no and list tasks on the training pairs (weight AUX_WEIGHT; 0: RL alone):
+  # without both, the judge unlearns seeing and learns text (docs/learn_cpu.md)
+  RL_FLAGS="$RL_FLAGS --judge-prompt short --aux-data $DATA --aux-weight ${AUX_WEIGHT:-1} --aux-batch 8 --seeing-every 20"
+fi
+RL_FLAGS="$RL_FLAGS ${RL_EXTRA:-}"
 
 mkdir -p "$OUT"
 if [ ! -f "$OUT/tiny-vlm/config.json" ]; then
@@ -66,10 +79,20 @@ if [ ! -s "$DATA/pairs.jsonl" ]; then  # -s: an empty pairs.jsonl (no pair made)
 fi
 "$PYTHON" warm_start.py --model "$OUT/tiny-vlm" --data "$DATA" --out "$OUT/warm-start" "${WARM_FLAGS[@]}" \
   --threads "$THREADS" --spy-image "$GAME" --device "$WARM_DEVICE"
+START=$OUT/warm-start  # the initial policy of every run
+if [ "$GAME" = modified ]; then
+  # the judge's short prompt and one clue round (half the cost of a game): 300 more steps of the
+  # same tasks (vote and clue formats, yes/no, list) in those prompts, since a model votes only in
+  # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt)
+  START=$OUT/warm-start-short$([ "$ROUNDS" = 1 ] || echo "-r$ROUNDS")  # cached per number of rounds
+  "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps 300 --list-steps 0 --warmup 20 \
+    --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 --require-attribute 0.9 \
+    --threads "$THREADS" --spy-image modified --device "$WARM_DEVICE"
+fi
 
 run_rl() {  # schedule seed -> OUT/<schedule>-s<seed>, trained, evaluated and reported by run.sh
   [ -f "$OUT/$1-s$2/eval.json" ] && return  # done before
-  MODEL="$OUT/warm-start" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
+  MODEL="$START" DOMAIN=cells DATA="$DATA" OUT="$OUT/$1-s$2" ITERATIONS="$ITERATIONS" GAMES="$GAMES" \
     SCHEDULE="$1" EVAL_GAMES="$EVAL_GAMES" LORA_RANK=16 PYTHON="$PYTHON" EXTRA="$RL_FLAGS --seed $2" bash run.sh
 }
 
@@ -110,12 +133,17 @@ for schedule, evals in runs.items():
                     f"{cell(evals, lambda e: e['decision_acc'] - e['decision_acc_baseline'])} | "
                     f"{cell(evals, lambda e: e['win_rate'])} | {cell(evals, lambda e: e['win_rate_civilian_side'])} / "
                     f"{cell(evals, lambda e: e['win_rate_spy_side'])} |")
-rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy |", "|---|---|---|---|---|"]
+def number(e, key):  # a field of eval.json that older evaluations lack
+    return f"{e[key]:.3f}" if isinstance(e.get(key), (int, float)) else "-"
+rows += ["", "| run | decision accuracy | gain | win rate | as civilians / as spy | the same judge, another game's picture "
+         "| held-out yes/no, warm start -> trained |", "|---|---|---|---|---|---|---|"]
 for schedule, evals in runs.items():
     for path, e in zip(paths[schedule], evals):
         rows.append(f"| {os.path.basename(os.path.dirname(path))} | {e['decision_acc']:.3f} | "
                     f"{e['decision_acc'] - e['decision_acc_baseline']:+.3f} | {e['win_rate']:.3f} | "
-                    f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} |")
+                    f"{e['win_rate_civilian_side']:.3f} / {e['win_rate_spy_side']:.3f} | "
+                    f"{number(e, 'decision_acc_wrong_picture')} | {number(e, 'heldout_yes_no_reference')} -> "
+                    f"{number(e, 'heldout_yes_no')} |")
 table = "\n".join(rows)
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -125,8 +153,9 @@ print(table)
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-# left, when the warm start kept one: its held-out yes/no accuracy; right: each run's training
-# judge accuracy (10-iteration moving mean), one colour per schedule
+# left, when the warm start kept one: its held-out yes/no accuracy, then each run's during RL
+# (heldout_yes_no, with --aux-data); right: each run's training judge accuracy (10-iteration
+# moving mean), one colour per schedule
 try:
     with open(os.path.join(out, "warm-start", "warm_start.json")) as f:
         curve = json.load(f).get("attribute_curve")
@@ -136,7 +165,16 @@ fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 7, 3.5)
 if curve:
     axes[0][0].plot([step for step, _ in curve], [acc for _, acc in curve], "o-", color="C4")
     axes[0][0].axhline(0.9, color="gray", ls="--", lw=0.8, label="required before RL")
-    axes[0][0].set(xlabel="warm-start step", ylabel="held-out yes/no accuracy", title="warm start: is there a <colour> square?")
+    end = curve[-1][0]  # RL iterations drawn after the warm start's steps, one step per iteration
+    for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
+        for k, path in enumerate(sorted(glob.glob(os.path.join(out, f"{schedule}-s*", "metrics.jsonl")))):
+            checks = [(row["iteration"], row["heldout_yes_no"]) for row in jsonl.read_jsonl(path)
+                      if isinstance(row.get("heldout_yes_no"), (int, float))]
+            if checks:
+                axes[0][0].plot([end + 10 * i for i, _ in checks], [a for _, a in checks], ".-", color=colour, alpha=0.8,
+                                label=f"{schedule} RL (x10 iterations)" if k == 0 else None)
+    axes[0][0].set(xlabel="warm-start step, then RL iteration x 10", ylabel="held-out yes/no accuracy",
+                   title="is there a <colour> square? (held-out)")
     axes[0][0].legend(fontsize=8)
 ax = axes[0][-1]
 for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue")):
@@ -147,6 +185,9 @@ for colour, schedule in zip(("C0", "C1", "C2"), ("iterative", "decision", "clue"
 if ceilings:
     ax.axhline(statistics.mean(ceilings), color="C3", ls="-.", label="colour-checking judge (held-out)")
 ax.axhline(base, color="gray", ls="--", label="warm start (held-out)")
+wrong = [e["decision_acc_wrong_picture"] for e in every if isinstance(e.get("decision_acc_wrong_picture"), (int, float))]
+if wrong:  # the control: the trained judges seeing another game's picture
+    ax.axhline(statistics.mean(wrong), color="C5", ls=":", label="trained judge, another game's picture (held-out)")
 ax.axhline(0.25, color="black", ls=":", lw=0.8, label="chance (1 of 4 seats)")
 ax.set_xlabel("iteration")
 ax.set_ylabel("judge accuracy (10-it mean)")

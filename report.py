@@ -55,6 +55,7 @@ PANELS = [
     ("token entropy of the trained completions (nats)", ["entropy"]),
     ("|sampling - recomputed| log-prob per completion token",
      ["sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"]),
+    ("seeing (--aux-data): held-out yes/no, seeing-term loss", ["heldout_yes_no", "aux_loss"]),
 ]
 # C0 control characters (tab and newlines kept) that model text may contain
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -118,6 +119,10 @@ EVAL_FIELDS = {
     "invalid_vote_rate": "share of the trained judge's votes that do not parse",
     "decision_acc_colour_check": "cells game with the edited picture only: the accuracy of a judge that "
                                  "checks every clue's colour against its picture, in the same games (the ceiling)",
+    "decision_acc_wrong_picture": "cells game with the edited picture only: the trained judge in the same games "
+                                  "seeing another held-out pair's picture (reads only the clues: equals decision_acc)",
+    "heldout_yes_no": "cells game only: the trained model on 400 held-out \"is there a <colour> square?\" questions",
+    "heldout_yes_no_reference": "the same check for the initial model",
     "trained": "the checkpoint evaluated", "reference": "the initial model (--model)", "data": "the pairs folder",
     "held_out_pairs": "held-out pairs the games were drawn from", "seed": "seed of pairs, spy seats and sampling",
 }
@@ -213,7 +218,10 @@ def draw_curves(metrics, config):
             if all(math.isnan(v) for v in values):
                 continue
             ema = key.endswith("_ema")
-            ax.plot(iterations, values, label=key, lw=2.0 if ema else 1.2, alpha=1.0 if ema else 0.6,
+            xs = iterations
+            if sum(not math.isnan(v) for v in values) < len(values) / 2:  # a check of every few iterations: join its points
+                xs, values = zip(*[(x, v) for x, v in zip(iterations, values) if not math.isnan(v)])
+            ax.plot(xs, values, label=key, lw=2.0 if ema else 1.2, alpha=1.0 if ema else 0.6,
                     marker="" if len(values) > 30 else ".")
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.3)
@@ -233,7 +241,7 @@ def draw_curves(metrics, config):
     for ax in panel_axes[1:]:
         if ax.lines:
             ax.legend(fontsize=7, loc="best")
-    for name in "efgh":
+    for name in "ijkl":
         axes[name].set_xlabel("iteration")
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -99,6 +99,7 @@ VOTE_FORMAT = (
     "Reason briefly, then answer with the spy's seat number inside \\boxed{}, for example "
     "\\boxed{2}, or \\boxed{N/A} if you cannot tell."
 )
+SHORT_JUDGE_QUESTION = "Which player is the spy? Answer with the seat number inside \\boxed{}."
 ROLE_NAMES = ("civilian", "spy")
 
 
@@ -136,10 +137,16 @@ def clue_prompt(game, seat, round_, cfg):
 
 
 def decision_prompt(game, voter, cfg):
-    """The text the judge (voter None) or a voting civilian (voter = its seat) reads."""
+    """The text the judge (voter None) or a voting civilian (voter = its seat) reads: the rules,
+    the task, the clues and the answer format (--judge-prompt full, the paper's), or the clues and
+    the question only (short: a tiny model reads whether a clue's colour is in its picture better
+    from fewer words, docs/learn_cpu.md)."""
+    clues = "All clues:\n" + clue_history(game.clues)
+    if getattr(cfg, "judge_prompt", "full") == "short":  # run configs saved before the flag are full
+        seat = [] if voter is None else [f"You are Player {voter + 1}, a civilian."]
+        return "\n\n".join(seat + [clues, SHORT_JUDGE_QUESTION])
     task = JUDGE_TASK if voter is None else VOTER_TASK.format(seat=voter + 1)
-    return "\n\n".join([game_rules(cfg.players, game.domain, cfg.spy_image), task,
-                        "All clues:\n" + clue_history(game.clues), VOTE_FORMAT])
+    return "\n\n".join([game_rules(cfg.players, game.domain, cfg.spy_image), task, clues, VOTE_FORMAT])
 
 
 def chat(processor, text):
@@ -803,6 +810,9 @@ def add_game_args(parser):
     parser.add_argument("--samples", type=int, default=8, help="G: judge samples per game")
     parser.add_argument("--spy-image", choices=["modified", "blank"], default="modified",
                         help="what the spy sees: the edited image (v1, code) or an empty picture (v2 text)")
+    parser.add_argument("--judge-prompt", choices=["full", "short"], default="full",
+                        help="what a decision turn reads: the rules, task, clues and format (full, the paper's) or the "
+                        "clues and 'Which player is the spy?' only (short)")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="longest clue or decision completion")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of every turn")
     parser.add_argument("--merged-rollouts", action=argparse.BooleanOptionalAction,
@@ -866,17 +876,24 @@ def play_games(pairs, spy_seats, sides, processor, cfg):
                 turn.parsed = parse_clue(turn.text)
                 games[g].clues.append(turn)
 
-    requests = []
-    for g, game in enumerate(games):
-        voters = [None] * cfg.samples if cfg.decision == "judge" else [s for s in range(cfg.players) if s != game.spy]
-        for voter in voters:
-            prompt = chat(processor, decision_prompt(game, voter, cfg))
-            requests.append((g, 0, Turn(-1 if voter is None else voter, -1, prompt, originals[g])))
+    requests = decision_requests(games, originals, processor, cfg)
     run(requests)
     for g, _, turn in requests:
         turn.parsed = parse_vote(turn.text, cfg.players)
         games[g].decisions.append(turn)
     return games, n_tokens
+
+
+def decision_requests(games, pictures, processor, cfg):
+    """The decision stage's turns, (game index, 0 = the civilians' side, Turn): the judge's G samples
+    or the civilians' votes of every game, each seeing pictures[g] (the game's original in play)."""
+    requests = []
+    for g, game in enumerate(games):
+        voters = [None] * cfg.samples if cfg.decision == "judge" else [s for s in range(cfg.players) if s != game.spy]
+        for voter in voters:
+            prompt = chat(processor, decision_prompt(game, voter, cfg))
+            requests.append((g, 0, Turn(-1 if voter is None else voter, -1, prompt, pictures[g])))
+    return requests
 
 
 def decision_stats(games):

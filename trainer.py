@@ -41,6 +41,7 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -50,6 +51,7 @@ import checkpoints
 import distributed
 import selfplay
 import tracking
+import warm_start
 
 # -----------------------------------------------------------------------------
 # The algorithm: loss and switching rule
@@ -202,11 +204,26 @@ def micro_batches(turns, cfg):
     return [c + [[] for _ in range(passes - len(c))] for c in chunks]
 
 
-def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr):
+def seeing_term(policy, processor, examples, weight):
+    """The --aux-data term of one optimiser step: backward of weight x the warm start's loss (mean
+    per-token negative log-likelihood of the targets) on generator-labelled seeing examples
+    (warm_start.seeing_examples). Returns that loss. A device of the tiny CPU demo, standing in
+    for the pretraining a real VLM keeps: RL on the judge alone unlearns the yes/no check."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with policy.active():
+        logp, mask = warm_start.target_logprob(policy.model, processor, warm_start.make_turns(examples, processor, eos))
+    loss = (-logp / mask.sum(-1)).mean()
+    (weight * loss).backward()
+    return loss.item()
+
+
+def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr, aux_batches=None, aux_weight=0.0):
     """Eq. 3/6 on one batch of turns: --minibatches optimiser steps (the paper: 1), each
-    accumulated over micro-batches, clipped and skipped if not finite.
+    accumulated over micro-batches, clipped and skipped if not finite. With aux_weight > 0, the
+    k-th step also trains aux_batches[k] (seeing_term).
     Returns the step's metrics: mean loss and kl, the largest grad norm, whether a step was
-    skipped, the share of completion tokens where the clip bound, and their mean entropy.
+    skipped, the share of completion tokens where the clip bound, and their mean entropy (and
+    aux_loss, the seeing term's mean, when it is on).
     Under torchrun `turns` are this rank's (possibly none); the loss and every metric are over all
     ranks' sequences."""
     model = policy.model
@@ -232,8 +249,12 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     total_loss, total_kl, max_grad_norm, skipped = 0.0, 0.0, 0.0, False
     tokens, clipped, entropy = 0.0, 0.0, 0.0  # sums over completion tokens, for the diagnostics
     drift_sum, drift_max, drift_tokens = 0.0, 0.0, 0.0  # |recomputed - sampling| log-prob, over sampled turns
+    aux_losses = []
     for s, step_chunks in enumerate(steps):
         optimizer.zero_grad(set_to_none=True)
+        if aux_weight > 0 and aux_batches:  # first, unsynced under DDP: the step's last micro-batch syncs both
+            distributed.sync_gradients(model, False)
+            aux_losses.append(seeing_term(policy, processor, aux_batches[s], aux_weight))
         step_loss, mb_global = 0.0, distributed.total(sum(len(chunk) for chunk in step_chunks))
         for c, chunk in enumerate(step_chunks):
             # DDP: micro-batches accumulate locally, the last one all-reduces; FSDP2 reduce-scatters
@@ -292,6 +313,8 @@ def train_step(policy, reference, optimizer, processor, turns, advantages, cfg, 
     if drift_tokens:
         metrics["sampling/sampling_logp_difference/mean"] = drift_sum / drift_tokens
         metrics["sampling/sampling_logp_difference/max"] = distributed.largest(drift_max)
+    if aux_losses:
+        metrics["aux_loss"] = sum(aux_losses) / len(aux_losses)
     return metrics
 
 
@@ -432,6 +455,14 @@ def parse_args(stage, argv=None):
     p.add_argument("--patience", type=int, default=20, help="P: iterations after which the stage switches regardless")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank on the text model (0 = full fine-tune with a frozen reference copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory, ~30%% slower)")
+    p.add_argument("--aux-data", help="cells pairs folder (make_games.py --domain cells) of the seeing tasks: with "
+                   "--aux-weight > 0 its training split's yes/no and list examples join every optimiser step; its "
+                   "held-out split's yes/no accuracy is logged (heldout_yes_no) every --seeing-every iterations")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the seeing tasks' supervised loss beside Eq. 3/6 (0: off, the paper's update; a "
+                   "device of the tiny CPU demo, standing in for the pretraining a real VLM keeps)")
+    p.add_argument("--aux-batch", type=int, default=8, help="seeing examples per optimiser step")
+    p.add_argument("--seeing-every", type=int, default=10, help="iterations between held-out yes/no checks with --aux-data")
     p.add_argument("--save-every", type=int,
                    help="save a checkpoint every this many iterations (and at every exit); default 1 with LoRA (an adapter), "
                    "10 for full fine-tuning, whose checkpoint is the fp32 model and its AdamW state (~100 GB at 7B)")
@@ -447,6 +478,10 @@ def parse_args(stage, argv=None):
         p.error("--iterations, --games, --micro-batch, --minibatches and --save-every must be at least 1")
     if cfg.lr is None:
         cfg.lr = 1e-4 if cfg.lora_rank > 0 else 1e-5
+    if cfg.aux_weight < 0 or cfg.aux_batch < 1 or cfg.seeing_every < 1:
+        p.error("need --aux-weight >= 0, --aux-batch >= 1 and --seeing-every >= 1")
+    if cfg.aux_weight > 0 and not cfg.aux_data:
+        p.error("--aux-weight needs --aux-data, the cells pairs of the seeing tasks (e.g. the run's --data)")
     if cfg.lr <= 0 or cfg.kl < 0 or not 0 < cfg.clip < 1 or not 0 < cfg.rho < 1 or not 0 < cfg.rae_alpha < 1:
         p.error("need --lr > 0, --kl >= 0, 0 < --clip < 1, 0 < --rho < 1 and 0 < --rae-alpha < 1")
     if cfg.logprob_temperature is None:
@@ -480,6 +515,28 @@ def batch_metrics(games, cfg):
         "clue_tokens": sum(len(t.completion_ids) for t in clues) / len(clues),
         "decision_tokens": sum(len(t.completion_ids) for t in decisions) / len(decisions),
     }
+
+
+def seeing_data(cfg):
+    """--aux-data's training pairs with their images and 400 held-out yes/no questions (the warm
+    start's, seed 0), or None without --aux-data."""
+    if not cfg.aux_data:
+        return None
+    pairs, images = warm_start.cells_pairs(cfg.aux_data, "train")
+    held_out, held_images = warm_start.cells_pairs(cfg.aux_data, "eval")
+    if not pairs or not held_out:
+        sys.exit(f"error: --aux-data {cfg.aux_data} holds no cells pairs in its training or held-out split; make them "
+                 f"with `python make_games.py --domain cells --n 2000 --out {cfg.aux_data}`")
+    return SimpleNamespace(pairs=pairs, images=images, questions=warm_start.held_out_questions(held_out, held_images, 0))
+
+
+def aux_batches_of(seeing, iteration, cfg):
+    """The seeing examples of an iteration's optimiser steps (None when the term is off): seeded by
+    (seed, iteration, rank), so that a resumed run trains on the same ones."""
+    if seeing is None or cfg.aux_weight <= 0:
+        return None
+    rng = random.Random(f"{cfg.seed}-aux-{iteration}-{distributed.rank()}")
+    return [warm_start.seeing_examples(seeing.pairs, seeing.images, cfg.aux_batch, rng, cfg) for _ in range(cfg.minibatches)]
 
 
 # -----------------------------------------------------------------------------
@@ -535,6 +592,9 @@ def main(stage, clue_stage, decision_stage):
         distributed.load_optimizer(policy.model, optimizer, os.path.join(checkpoint, "optimizer.pt"))
 
     tracker = tracking.open_tracker(cfg.report_to, cfg.out, resolved) if distributed.is_main() else None
+    seeing = seeing_data(cfg)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:
         iteration = state["iteration"] + 1
@@ -569,8 +629,13 @@ def main(stage, clue_stage, decision_stage):
             turns, advantages = decision_stage.decision_samples(games, cfg)
         turns, advantages = distributed.own_samples(turns, advantages, own_games)
         lr = learning_rate(iteration, cfg, state["lr_schedule"])
-        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr)
+        step = train_step(policy, reference, optimizer, processor, turns, advantages, cfg, lr,
+                          aux_batches_of(seeing, iteration, cfg), cfg.aux_weight)
         updated = time.time()
+        if seeing is not None and (iteration % cfg.seeing_every == 0 or iteration == cfg.iterations):
+            with policy.active():
+                step["heldout_yes_no"] = warm_start.attribute_accuracy(policy.model, processor, seeing.questions, eos)
+            policy.model.eval()
 
         batch = {**batch_metrics(games, cfg), **decision_stage.reward_spread(games)}
         update_decision_emas(state, batch["acc"], batch["na"], cfg)

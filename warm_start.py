@@ -124,6 +124,23 @@ def attribute_question(colours, image, present, rng):
     return prompt, image, "\\boxed{yes}" if present else "\\boxed{no}"
 
 
+SEEING_TASKS = {"attribute": 0.75, "list": 0.25}  # the shares of the warm start's mix (0.6 / 0.2)
+
+
+def seeing_examples(pairs, images, n, rng, cfg):
+    """n examples of the seeing tasks, yes/no and list in the warm start's proportions, about
+    random pairs: trainer.py's --aux-data term (generator labels only, no spy, no game)."""
+    tasks = rng.choices(list(SEEING_TASKS), weights=list(SEEING_TASKS.values()), k=n)
+    picks = [rng.randrange(len(pairs)) for _ in tasks]
+    return [example(pairs[k], images[k], task, rng, cfg) for k, task in zip(picks, tasks)]
+
+
+def cells_pairs(data, split):
+    """The cells pairs of a split of a data folder and their (original, modified) images."""
+    pairs = [q for q in selfplay.read_pairs(data, split) if q.get("domain") == "cells"]
+    return pairs, [(selfplay.load_image(q["original"]), selfplay.load_image(q["modified"])) for q in pairs]
+
+
 def make_turns(batch, processor, eos):
     """Turns as selfplay's rollouts make them: chat prompt, image, target token ids with the stop token."""
     turns = []
@@ -213,6 +230,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="clue rounds in the prompts (as the RL runs)")
     p.add_argument("--spy-image", choices=["modified", "blank"], default="modified",
                    help="what the spy sees in the games to come (as the RL runs' --spy-image)")
+    p.add_argument("--judge-prompt", choices=["full", "short"], default="full",
+                   help="the vote task's prompt (as the RL runs' --judge-prompt): a model votes only in the prompts it was taught")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out yes/no checks (0: at the end only)")
     p.add_argument("--require-attribute", type=float, default=0.0,
                    help="fail when the final held-out yes/no accuracy is below this (the model is kept): 0.9 before "
@@ -237,15 +256,14 @@ def main():
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    pairs = [q for q in selfplay.read_pairs(args.data, "train") if q.get("domain") == "cells"]
+    pairs, images = cells_pairs(args.data, "train")
     if not pairs:
         sys.exit(f"error: no cells training pairs in {args.data}; make them with `python make_games.py --domain cells --n 2000 --out {args.data}`")
-    images = [(selfplay.load_image(q["original"]), selfplay.load_image(q["modified"])) for q in pairs]
-    held_out = [q for q in selfplay.read_pairs(args.data, "eval") if q.get("domain") == "cells"]
+    held_out, held_images = cells_pairs(args.data, "eval")
     if not held_out:
         sys.exit(f"error: no held-out cells pairs in {args.data} (about 10% of the ids); make at least 100 pairs")
-    held_images = [(selfplay.load_image(q["original"]), selfplay.load_image(q["modified"])) for q in held_out]
-    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, seed=args.seed)
+    cfg = SimpleNamespace(players=args.players, rounds=args.rounds, spy_image=args.spy_image, judge_prompt=args.judge_prompt,
+                          seed=args.seed)
 
     processor = selfplay.load_processor(args.model)
     model = selfplay.load_model(args.model, args.device, torch.float32).train()
