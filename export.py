@@ -11,10 +11,10 @@ the tokenizer, the processor and its chat template, and no adapter or optimiser 
 with AutoModelForImageTextToText / AutoProcessor.from_pretrained without peft, and vLLM, lmms-eval
 and VLMEvalKit take it as a local model path (docs/benchmarks.md has their commands).
 
-On a machine without torchvision the project plays Qwen2.5-VL with its own image-only processor
-class (selfplay.register_image_only_processor); the export names the stock Qwen2_5_VLProcessor
-instead, in the layout of a released Qwen2.5-VL folder (a flat preprocessor_config.json), so that
-the stock classes load it on a machine with torchvision.
+On a machine without torchvision the project plays most families with an image-only stand-in of
+their processor class (models.py); the export names the family's stock processor class instead
+(Qwen2_5_VLProcessor, InternVLProcessor, ...), in the layout of a released folder (a flat
+preprocessor_config.json), so that the stock classes load it on a machine with torchvision.
 
 The folder is written under a temporary name next to --to and renamed when complete: an error or
 a crash never leaves a half-written model at --to.
@@ -28,37 +28,8 @@ import sys
 import torch
 
 import checkpoints
+import models
 import trainer
-
-IMAGE_ONLY_PROCESSOR = "ImageOnlyQwenProcessor"  # the class selfplay.register_image_only_processor defines
-STOCK_PROCESSOR = "Qwen2_5_VLProcessor"
-
-
-def stock_processor_files(folder):
-    """Rewrite the processor files of the project's image-only stand-in as a released Qwen2.5-VL
-    folder has them: preprocessor_config.json naming Qwen2_5_VLProcessor, from which transformers
-    also builds the video processor when torchvision is there. No-op for any other processor."""
-    nested = os.path.join(folder, "processor_config.json")
-    if not os.path.exists(nested):
-        return
-    with open(nested) as f:
-        config = json.load(f)
-    if config.get("processor_class") != IMAGE_ONLY_PROCESSOR:
-        return
-    image = dict(config["image_processor"], processor_class=STOCK_PROCESSOR)
-    size = image.get("size", {})
-    if "shortest_edge" in size:  # the names transformers 4.x reads
-        image.setdefault("min_pixels", size["shortest_edge"])
-        image.setdefault("max_pixels", size["longest_edge"])
-    checkpoints.write_json_atomic(os.path.join(folder, "preprocessor_config.json"), image)
-    os.remove(nested)
-    tokenizer_path = os.path.join(folder, "tokenizer_config.json")
-    with open(tokenizer_path) as f:
-        tokenizer = json.load(f)
-    if tokenizer.get("processor_class") == IMAGE_ONLY_PROCESSOR:
-        tokenizer["processor_class"] = STOCK_PROCESSOR
-        checkpoints.write_json_atomic(tokenizer_path, tokenizer)
-
 
 def export(run, target, dtype):
     """Write the run's latest checkpoint as a plain model folder at target (see the docstring)."""
@@ -81,7 +52,7 @@ def export(run, target, dtype):
     try:
         model.save_pretrained(staging)  # config, generation_config, safetensors weights
         processor.save_pretrained(staging)  # tokenizer, image processor, chat template
-        stock_processor_files(staging)
+        models.write_stock_processor_files(staging, checkpoints.write_json_atomic)
         if os.path.isdir(target):
             os.rmdir(target)  # an empty folder the user made for it
         os.replace(staging, target)

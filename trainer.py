@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import checkpoints
 import distributed
+import models
 import selfplay
 
 # -----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def build_policy(cfg, checkpoint=None):
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:  # the text model's projections only; the vision tower stays as it is
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                              target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj")
+                              target_modules=models.LORA_TARGETS)
             model = get_peft_model(model, lora)  # adapters in fp32 whatever the base dtype (peft's default)
     else:
         model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)

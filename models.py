@@ -1,0 +1,280 @@
+"""
+models.py: everything that differs between the vision-language model families the project plays,
+and the loading of models and processors.
+
+A family is keyed by `config.model_type` (FAMILIES): qwen2_5_vl, qwen3_vl, internvl (the Hugging
+Face-native layout, e.g. OpenGVLab/InternVL3-8B-hf), gemma3, smolvlm (SmolVLM2) and
+llava_onevision. For each it holds
+  - the stock processor class, and whether that class insists on a video processor (which needs
+    torchvision): then an image-only stand-in of the same class is generated from the stock
+    class's own __init__ less `video_processor` and registered with AutoProcessor;
+  - how pictures go to the processor: a flat list, or one list per prompt (Gemma 3, SmolVLM);
+  - the placeholder and marker tokens never to be sampled (a sampled one breaks the next forward
+    pass: "Image features and image tokens do not match");
+  - the stop token of a turn, the vision tower and its layer class (FSDP2 shard units), the pixel
+    budget of a tiny model, and the hub ids the README lists.
+What is the same for all: LoRA targets the text model's projections (LORA_TARGETS), and the
+per-token inputs a processor returns beside the ids (mm_token_type_ids, token_type_ids) are
+extended with zeros (text) over a sampled completion (extend_over_completion).
+
+No command of its own; selfplay.py re-exports the loaders (`selfplay.load_processor(path)`,
+`selfplay.load_model(path, device, dtype)`, `selfplay.special_vision_ids(processor)`).
+"""
+import inspect
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    name: str  # as people call it
+    hub_ids: tuple  # released instruct models of the family
+    processor_class: str  # the stock processor class in transformers
+    needs_video_processor: bool  # the stock processor cannot be built without torchvision
+    images_per_prompt: bool  # pictures go to the processor as [[image], ...], not [image, ...]
+    vision_tokens: str  # regex over the vocabulary: placeholder and marker tokens never to sample
+    stop_token: str  # ends an assistant turn in the family's chat template
+    vision_tower: str  # attribute name of the vision tower (generate runs it outside the forward)
+    vision_layer: str  # class name of one vision tower layer: an FSDP2 shard unit
+    pixel_budget: str  # what bounds the visual tokens of one picture
+    image_caps: dict = None  # image-processor settings capped at load: the game's pixel budget
+
+
+QWEN_VISION = r"<\|(vision_start|vision_end|vision_pad|image_pad|video_pad)\|>"
+FAMILIES = {f.model_type: f for f in [
+    Family("qwen2_5_vl", "Qwen2.5-VL", ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+           "Qwen2_5_VLProcessor", True, False, QWEN_VISION, "<|im_end|>", "visual", "Qwen2_5_VLVisionBlock",
+           "min_pixels / max_pixels: one token per 28x28 pixels"),
+    Family("qwen3_vl", "Qwen3-VL", ("Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
+           "Qwen3VLProcessor", True, False, QWEN_VISION, "<|im_end|>", "visual", "Qwen3VLVisionBlock",
+           "size shortest_edge / longest_edge (pixels): one token per 32x32 pixels"),
+    Family("internvl", "InternVL3", ("OpenGVLab/InternVL3-2B-hf", "OpenGVLab/InternVL3-8B-hf",
+                                     "OpenGVLab/InternVL3-14B-hf"),
+           "InternVLProcessor", True, False, r"<img>|</img>|<IMG_CONTEXT>|<video>", "<|im_end|>",
+           "vision_tower", "InternVLVisionLayer", "max_patches: 256 tokens per 448-px tile; stock up to 12 tiles + a thumbnail, "
+           "capped at 4 (a 480x320 picture: 2 tiles + thumbnail, 768 tokens)", {"max_patches": 4}),
+    Family("gemma3", "Gemma 3", ("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
+           "Gemma3Processor", False, True, r"<start_of_image>|<end_of_image>|<image_soft_token>",
+           "<end_of_turn>", "vision_tower", "SiglipEncoderLayer", "fixed: 256 tokens per 896-px picture"),
+    Family("smolvlm", "SmolVLM2", ("HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
+           "SmolVLMProcessor", True, True,
+           r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>|<video>", "<end_of_utterance>",
+           "vision_model", "SmolVLMEncoderLayer", "max_image_size longest_edge: tiles of 64 tokens (2.2B: 81)"),
+    Family("llava_onevision", "LLaVA-OneVision", ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                                                  "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
+           "LlavaOnevisionProcessor", True, False, r"<image>|<video>", "<|im_end|>",
+           "vision_tower", "SiglipEncoderLayer", "image_grid_pinpoints: 729 tokens per 384-px tile, up to 9 tiles"),
+]}
+# the text model's attention and MLP projections: `language_model` in every family but SmolVLM's
+# `text_model`; the vision tower stays as it is
+LORA_TARGETS = r".*(language_model|text_model).*\.(q|k|v|o|gate|up|down)_proj"
+# per-token inputs beside input_ids that some processors return (Qwen: mm_token_type_ids, Gemma 3:
+# token_type_ids); 0 marks a text token, which every completion token is
+PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
+
+
+def family(model_type):
+    """The Family of a config.model_type, or one line naming the supported ones and exit."""
+    if model_type not in FAMILIES:
+        sys.exit(f"error: model type {model_type!r} is not supported; the supported families are "
+                 f"{', '.join(FAMILIES)} (README, 'Model families')")
+    return FAMILIES[model_type]
+
+
+def family_of_model(model):
+    """The Family of a loaded model (also through peft, DDP or FSDP2 wrappers)."""
+    return family(model.config.model_type)
+
+
+def family_of_processor(processor):
+    """The Family of a processor: the stock class it is, or the stand-in's stock base class."""
+    names = {cls.__name__ for cls in type(processor).__mro__}
+    for f in FAMILIES.values():
+        if f.processor_class in names:
+            return f
+    sys.exit(f"error: {type(processor).__name__} is not the processor of a supported family "
+             f"({', '.join(FAMILIES)}); load the model folder's processor with selfplay.load_processor")
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def torchvision_works():
+    try:
+        import torchvision  # noqa: F401  (a broken install raises at import, not only a missing one)
+        return True
+    except Exception:
+        return False
+
+
+def from_pretrained(loader, path, **kwargs):
+    """loader.from_pretrained(path), or one clear line and exit when there is no such model."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # missing folder, unknown or malformed hub id, no network
+        sys.exit(f"error: cannot load model {path!r} ({str(e).splitlines()[0]}); give a model folder "
+                 "(e.g. from `python make_tiny_model.py --out tiny-vlm`) or a Hugging Face model id")
+
+
+def image_only_processor(fam):
+    """The stock processor class of a family less its video processor, generated from the stock
+    __init__'s own parameters. Its __init__ must name them (ProcessorMixin reads the accepted
+    arguments from __init__.__code__.co_varnames: a **kwargs-only wrapper would drop InternVL's
+    image_seq_length). The stock __init__ passes video_processor on positionally; ProcessorMixin
+    pairs positional arguments with the subclass's attributes (image_processor, tokenizer), so the
+    None is dropped there."""
+    import transformers
+    stock = getattr(transformers, fam.processor_class)
+    kept = [p for name, p in inspect.signature(stock.__init__).parameters.items()
+            if name not in ("self", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: None if p.default is p.empty else p.default for p in kept}
+    source = (f"def __init__(self, {', '.join(f'{p.name}=defaults[{p.name!r}]' for p in kept)}, **kwargs):\n"
+              f"    stock.__init__(self, video_processor=None, {', '.join(f'{p.name}={p.name}' for p in kept)}, **kwargs)\n")
+    namespace = {"stock": stock, "defaults": defaults}
+    exec(compile(source, f"<image-only {fam.processor_class}>", "exec"), namespace)
+    return type(f"ImageOnly{fam.processor_class}", (stock,), {"__init__": namespace["__init__"],
+                                                             "__module__": __name__})
+
+
+IMAGE_ONLY = {}  # model_type -> the stand-in class, made once per process
+
+
+def register_image_only_processors():
+    """Make (once) and register the stand-in of every family whose stock processor needs a video
+    processor, so that AutoProcessor.from_pretrained returns it for a folder it saved instead of
+    a bare tokenizer. Returns {model_type: class}."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    for f in FAMILIES.values():
+        if f.needs_video_processor and f.model_type not in IMAGE_ONLY:
+            IMAGE_ONLY[f.model_type] = image_only_processor(f)
+            AutoProcessor.register(CONFIG_MAPPING[f.model_type], IMAGE_ONLY[f.model_type], exist_ok=True)
+    return IMAGE_ONLY
+
+
+def load_processor(path):
+    """The processor of a model folder or hub id: the stock class when it loads, else (no
+    torchvision) the family's image-only stand-in, also for a folder naming the stock class."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keep the run's own progress bar readable
+    fam = family(from_pretrained(AutoConfig, path).model_type)
+    if torchvision_works() or not fam.needs_video_processor:
+        processor = from_pretrained(AutoProcessor, path)
+    else:  # the stand-in reads the project's folders and released ones (which name the stock class) alike
+        processor = from_pretrained(register_image_only_processors()[fam.model_type], path)
+    if not isinstance(processor, ProcessorMixin):
+        sys.exit(f"error: {path} has no image processor (only {type(processor).__name__}); a model folder "
+                 "needs its preprocessor_config.json or processor_config.json")
+    for name, cap in (fam.image_caps or {}).items():
+        setattr(processor.image_processor, name, min(getattr(processor.image_processor, name), cap))
+    return processor
+
+
+def load_model(path, device, dtype):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    family(from_pretrained(AutoConfig, path).model_type)  # an unknown family stops here, in one line
+    return plain_generation_config(from_pretrained(AutoModelForImageTextToText, path, dtype=dtype).to(device))
+
+
+def plain_generation_config(model):
+    """Give a loaded model a generation_config with its special token ids only. generate() fills
+    every field that sampling_settings leaves None (bad_words_ids, sequence_bias, forced
+    BOS/EOS, top_h, a length penalty, a watermark, ...) from the model's own config, and None
+    cannot be passed to mean "off": so the checkpoint's sampling fields go here, once."""
+    from transformers import GenerationConfig
+    checkpoint = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=checkpoint.bos_token_id,
+                                               eos_token_id=checkpoint.eos_token_id,
+                                               pad_token_id=checkpoint.pad_token_id)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def processor_inputs(processor, texts, images):
+    """The batch of prompts (left-padded) with one picture each, as the family's processor takes
+    the pictures (a flat list, or one list per prompt)."""
+    if family_of_processor(processor).images_per_prompt:
+        images = [[image] for image in images]
+    return processor(text=list(texts), images=list(images), padding=True, padding_side="left", return_tensors="pt")
+
+
+def extend_over_completion(inputs, completion_ids):
+    """inputs (of the prompts) with input_ids and attention_mask extended by the completions
+    (padding 0 in the mask: completion_ids' rows are right-padded with the pad id, the mask comes
+    from the caller) and every per-token input extended with zeros: a completion is text. Without
+    mm_token_type_ids Qwen's 3-D rotary positions fall back to 1-D; without token_type_ids Gemma 3
+    would treat completion tokens as picture tokens."""
+    for key in PER_TOKEN_INPUTS:
+        if key in inputs:
+            inputs[key] = torch.cat([inputs[key], torch.zeros_like(completion_ids)], 1)
+    return inputs
+
+
+def special_vision_ids(processor):
+    """Ids of the family's placeholder and marker tokens that the vocabulary has: a sampled one
+    would break the next forward pass."""
+    pattern = re.compile(family_of_processor(processor).vision_tokens)
+    return sorted(i for token, i in processor.tokenizer.get_vocab().items() if pattern.fullmatch(token))
+
+
+def shard_units(model):
+    """The modules FSDP2 shards one by one, innermost first: every decoder layer, every layer of
+    the vision tower and the vision tower itself (generate runs it outside the model's forward)."""
+    fam = family_of_model(model)
+    return [module for name, module in reversed(list(model.named_modules()))
+            if type(module).__name__.endswith("DecoderLayer") or type(module).__name__ == fam.vision_layer
+            or name.split(".")[-1] == fam.vision_tower]
+
+
+# -----------------------------------------------------------------------------
+# Export
+
+
+def write_stock_processor_files(folder, write_json):
+    """Rewrite the processor files that save_pretrained wrote (transformers 5.x nests them all in
+    processor_config.json, under the stand-in's class name where there is one) as a released folder
+    of the family has them, so that the stock class loads it with any transformers version and,
+    where torchvision is installed, with its video processor: a flat preprocessor_config.json
+    naming the stock processor class (transformers also builds the video processor from it), the
+    processor's own settings (InternVL's image_seq_length, ...) in processor_config.json, and the
+    stock class in tokenizer_config.json. No-op for a folder already in that layout."""
+    nested = os.path.join(folder, "processor_config.json")
+    if not os.path.exists(nested):
+        return
+    with open(nested) as f:
+        config = json.load(f)
+    saved_as = config.get("processor_class", "")
+    fam = next((f for f in FAMILIES.values() if saved_as in (f.processor_class, f"ImageOnly{f.processor_class}")), None)
+    if fam is None or "image_processor" not in config:
+        return
+    image = dict(config.pop("image_processor"), processor_class=fam.processor_class)
+    size = image.get("size", {})
+    if "shortest_edge" in size and "longest_edge" in size:  # Qwen: the pixel limits under the names 4.x reads
+        image.setdefault("min_pixels", size["shortest_edge"])
+        image.setdefault("max_pixels", size["longest_edge"])
+    write_json(os.path.join(folder, "preprocessor_config.json"), image)
+    if "video_processor" in config:
+        write_json(os.path.join(folder, "video_preprocessor_config.json"), config.pop("video_processor"))
+    config["processor_class"] = fam.processor_class
+    if len(config) > 1:
+        write_json(nested, config)
+    else:
+        os.remove(nested)
+    tokenizer_path = os.path.join(folder, "tokenizer_config.json")
+    with open(tokenizer_path) as f:
+        tokenizer = json.load(f)
+    if tokenizer.get("processor_class") == saved_as:
+        tokenizer["processor_class"] = fam.processor_class
+        write_json(tokenizer_path, tokenizer)
