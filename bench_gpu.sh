@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench_gpu.sh: time and memory of run.sh's GPU settings at Qwen2.5-VL-7B's full shape, with
 # nothing to download. It builds a random-weight model of the 7B's shape with the project's
-# builder (make_tiny_model.py --shape 7b: 7.2B parameters, bfloat16), makes a few CLEVR pairs
+# builder (make_tiny_model.py --shape 7b: 7.2B parameters, bfloat16; SHAPE=qwen3-vl-8b or
+# SHAPE=internvl3-8b for those models' shapes, at their full depth on a GPU), makes a few CLEVR pairs
 # (make_games.py, 480x320 pictures: 187 visual tokens each), runs 2 iterations of run.sh's GPU
 # settings (LoRA 64 on the text projections, gradient checkpointing, micro-batch 4, bfloat16;
 # SCHEDULE=alternate: one decision-stage and one clue-stage iteration) and prints per iteration
@@ -14,14 +15,12 @@
 # With no CUDA GPU the same path runs on the CPU at a reduced depth and with short turns (1 text
 # layer, 2 vision blocks, 4-token turns, one clue round, 2 judge samples: minutes; test_7b_shape.py
 # runs it so). Every size is an environment variable: LAYERS, VISION_DEPTH, MAX_NEW_TOKENS, GAMES,
-# PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder).
+# PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder), SHAPE.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  DEVICE=cuda
-  LAYERS=${LAYERS:-28}
-  VISION_DEPTH=${VISION_DEPTH:-32}
+  DEVICE=cuda  # LAYERS, VISION_DEPTH: the shape's full depth unless set
   MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
   GAMES=${GAMES:-4}
   EXTRA=${EXTRA:-}
@@ -37,10 +36,13 @@ fi
 PAIRS=${PAIRS:-20}
 EVAL_GAMES=${EVAL_GAMES:-0}
 BENCH=${BENCH:-runs/bench-gpu}
+SHAPE=${SHAPE:-7b}
+DEPTH=()
+if [ -n "${LAYERS:-}" ]; then DEPTH+=(--layers "$LAYERS"); fi
+if [ -n "${VISION_DEPTH:-}" ]; then DEPTH+=(--vision-depth "$VISION_DEPTH"); fi
 
 started=$(date +%s)
-python3 make_tiny_model.py --shape 7b --layers "$LAYERS" --vision-depth "$VISION_DEPTH" --device "$DEVICE" \
-  --out "$BENCH/model"
+python3 make_tiny_model.py --shape "$SHAPE" "${DEPTH[@]}" --device "$DEVICE" --out "$BENCH/model"
 [ -f "$BENCH/games/pairs.jsonl" ] || python3 make_games.py --domain clevr --n "$PAIRS" --out "$BENCH/games"
 rm -rf "$BENCH/run"  # timings of a fresh run, not a resumed one
 built=$(date +%s)

@@ -1,27 +1,35 @@
 """
-make_tiny_model.py: build a tiny random-weight Qwen2.5-VL and save it as a normal model folder.
+make_tiny_model.py: build a tiny random-weight vision-language model of any supported family and
+save it as a normal model folder.
 
 No machine here reaches a model hub, so CPU runs and tests use a model this script makes: the real
-Qwen2.5-VL architecture (vision tower with window attention and patch merger, 3-D rotary text
-model), a few hundred thousand parameters, random weights, and its own byte-level BPE tokenizer
-trained on the game's prompts. It is saved with `save_pretrained` and loaded back by the same
-`AutoModelForImageTextToText.from_pretrained` / `AutoProcessor.from_pretrained` calls that load
-Qwen/Qwen2.5-VL-7B-Instruct, so everything downstream runs unchanged.
+architecture of the family (--family, models.py: qwen2_5_vl by default, qwen3_vl, internvl, gemma3,
+smolvlm, llava_onevision), a few hundred thousand parameters, random weights, its own tokenizer
+trained on the game's prompts (byte-level BPE; Gemma 3: a SentencePiece-style BPE with byte
+fallback, which GemmaTokenizer needs) with the family's special tokens, and a chat template in the
+family's structure. It is saved with `save_pretrained` and loaded back by the same
+`AutoModelForImageTextToText` / `selfplay.load_processor` calls that load the released models, so
+everything downstream runs unchanged.
 
-    python make_tiny_model.py --out tiny-vlm            # 0.2M parameters, builds in a second
+    python make_tiny_model.py --out tiny-vlm            # Qwen2.5-VL, 0.2M parameters, builds in a second
+    python make_tiny_model.py --out tiny-gemma --family gemma3
     python make_tiny_model.py --out tiny-vlm --hidden 192 --layers 3 --heads 4
     python make_tiny_model.py --out vlm-7b-shape --shape 7b --layers 1 --vision-depth 2
+    python make_tiny_model.py --out qwen3-8b-shape --shape qwen3-vl-8b --layers 1 --vision-depth 1
 
-Images cost 1-4 visual tokens at the tiny shape's --max-pixels (28*28 .. 56*56 pixels after resizing).
+Images cost 1-20 visual tokens at the tiny shape (Qwen: --max-pixels 56*56; the others: 56-px tiles).
 
 --shape 7b gives every layer Qwen2.5-VL-7B-Instruct's shape (text: hidden 3584, 28 heads, 4 kv
 heads, MLP 18944, mrope [16, 24, 24]; vision: hidden 1280, 16 heads, MLP 3420, window 112, full
 attention in blocks 7/15/23/31 where the depth has them) and the real processor's pixel limits
 (3136 .. 12845056: a 480x320 picture is 187 visual tokens); --layers / --vision-depth cut the
-depth (28 and 32 by default: the full 7B, 7.2B parameters, 14.4 GB in bfloat16). Only the
-vocabulary stays the project's own 512-token BPE: the real 152064-token one changes the size of
-the embedding and the output layer, not of a layer, and needs the real tokenizer. Timing and memory
-do not depend on the weights' values, so such a model stands in for the real one in benchmarks.
+depth (28 and 32 by default: the full 7B, 7.2B parameters, 14.4 GB in bfloat16). --shape
+qwen3-vl-8b (text 4096, 36 layers, 32 heads, 8 kv, MLP 12288; vision 1152, 27 layers, patch 16,
+deepstack 8/16/24) and --shape internvl3-8b (text as Qwen2.5-7B; InternViT-300M: 1024, 24 layers,
+448-px tiles) do the same for those models. Only the vocabulary stays the project's own 512-token
+BPE: the real one changes the size of the embedding and the output layer, not of a layer, and
+needs the real tokenizer. Timing and memory do not depend on the weights' values, so such a model
+stands in for the real one in benchmarks.
 """
 import argparse
 import json

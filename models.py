@@ -20,6 +20,7 @@ extended with zeros (text) over a sampled completion (extend_over_completion).
 No command of its own; selfplay.py re-exports the loaders (`selfplay.load_processor(path)`,
 `selfplay.load_model(path, device, dtype)`, `selfplay.special_vision_ids(processor)`).
 """
+import functools
 import inspect
 import json
 import os
@@ -58,7 +59,7 @@ FAMILIES = {f.model_type: f for f in [
                                      "OpenGVLab/InternVL3-14B-hf"),
            "InternVLProcessor", True, False, r"<img>|</img>|<IMG_CONTEXT>|<video>", "<|im_end|>",
            "vision_tower", "InternVLVisionLayer", "max_patches: 256 tokens per 448-px tile; stock up to 12 tiles + a thumbnail, "
-           "capped at 4 (a 480x320 picture: 2 tiles + thumbnail, 768 tokens)", {"max_patches": 4}),
+           "capped at 4 (a 480x320 picture: 1 tile, 256 tokens; stock: 6 + thumbnail, 1,792)", {"max_patches": 4}),
     Family("gemma3", "Gemma 3", ("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
            "Gemma3Processor", False, True, r"<start_of_image>|<end_of_image>|<image_soft_token>",
            "<end_of_turn>", "vision_tower", "SiglipEncoderLayer", "fixed: 256 tokens per 896-px picture"),
@@ -69,7 +70,7 @@ FAMILIES = {f.model_type: f for f in [
     Family("llava_onevision", "LLaVA-OneVision", ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
                                                   "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
            "LlavaOnevisionProcessor", True, False, r"<image>|<video>", "<|im_end|>",
-           "vision_tower", "SiglipEncoderLayer", "image_grid_pinpoints: 729 tokens per 384-px tile, up to 9 tiles"),
+           "vision_tower", "SiglipEncoderLayer", "image_grid_pinpoints: 729 tokens per 384-px tile, up to 9 tiles (a 480x320 picture: 1,836)"),
 ]}
 # the text model's attention and MLP projections: `language_model` in every family but SmolVLM's
 # `text_model`; the vision tower stays as it is
@@ -225,8 +226,15 @@ def extend_over_completion(inputs, completion_ids):
 def special_vision_ids(processor):
     """Ids of the family's placeholder and marker tokens that the vocabulary has: a sampled one
     would break the next forward pass."""
-    pattern = re.compile(family_of_processor(processor).vision_tokens)
-    return sorted(i for token, i in processor.tokenizer.get_vocab().items() if pattern.fullmatch(token))
+    return list(vocabulary_matches(processor.tokenizer, family_of_processor(processor).vision_tokens))
+
+
+@functools.lru_cache(maxsize=8)
+def vocabulary_matches(tokenizer, pattern):
+    """Sorted ids of the tokens that match a regex, read once per tokenizer: generate asks at every
+    call, and a 262k-token vocabulary (Gemma 3) takes a tenth of a second to scan."""
+    regex = re.compile(pattern)
+    return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if regex.fullmatch(token)))
 
 
 def shard_units(model):
