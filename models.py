@@ -11,8 +11,9 @@ llava_onevision. For each it holds
   - how pictures go to the processor: a flat list, or one list per prompt (Gemma 3, SmolVLM);
   - the placeholder and marker tokens never to be sampled (a sampled one breaks the next forward
     pass: "Image features and image tokens do not match");
-  - the stop token of a turn, the vision tower and its layer class (FSDP2 shard units), the pixel
-    budget of a tiny model, and the hub ids the README lists.
+  - the stop token of a turn, the vision tower and its layer class (FSDP2 shard units), and the
+    pixel budget (InternVL3's tile count is capped at load);
+  - what export.py writes so that the stock class loads the folder (write_stock_processor_files).
 What is the same for all: LoRA targets the text model's projections (LORA_TARGETS), and the
 per-token inputs a processor returns beside the ids (mm_token_type_ids, token_type_ids) are
 extended with zeros (text) over a sampled completion (extend_over_completion).
@@ -35,7 +36,6 @@ import torch
 class Family:
     model_type: str
     name: str  # as people call it
-    hub_ids: tuple  # released instruct models of the family
     processor_class: str  # the stock processor class in transformers
     needs_video_processor: bool  # the stock processor cannot be built without torchvision
     images_per_prompt: bool  # pictures go to the processor as [[image], ...], not [image, ...]
@@ -43,34 +43,37 @@ class Family:
     stop_token: str  # ends an assistant turn in the family's chat template
     vision_tower: str  # attribute name of the vision tower (generate runs it outside the forward)
     vision_layer: str  # class name of one vision tower layer: an FSDP2 shard unit
-    pixel_budget: str  # what bounds the visual tokens of one picture
     image_caps: dict = None  # image-processor settings capped at load: the game's pixel budget
 
 
 QWEN_VISION = r"<\|(vision_start|vision_end|vision_pad|image_pad|video_pad)\|>"
+# The pixel budget of each family, in visual tokens of a 480x320 picture (the game's CLEVR size):
+# Qwen2.5-VL one per 28x28 pixels (187), Qwen3-VL one per 32x32 (150), both bounded by the
+# processor's min/max pixels; InternVL3 256 per 448-px tile, stock up to 12 tiles and a thumbnail
+# (1,792 here), capped at 4 tiles (256 here); Gemma 3 always 256; SmolVLM2 64 or 81 per tile of
+# max_image_size; LLaVA-OneVision 729 per 384-px tile, up to 9 tiles (1,836 here).
 FAMILIES = {f.model_type: f for f in [
-    Family("qwen2_5_vl", "Qwen2.5-VL", ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
-           "Qwen2_5_VLProcessor", True, False, QWEN_VISION, "<|im_end|>", "visual", "Qwen2_5_VLVisionBlock",
-           "min_pixels / max_pixels: one token per 28x28 pixels"),
-    Family("qwen3_vl", "Qwen3-VL", ("Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
-           "Qwen3VLProcessor", True, False, QWEN_VISION, "<|im_end|>", "visual", "Qwen3VLVisionBlock",
-           "size shortest_edge / longest_edge (pixels): one token per 32x32 pixels"),
-    Family("internvl", "InternVL3", ("OpenGVLab/InternVL3-2B-hf", "OpenGVLab/InternVL3-8B-hf",
-                                     "OpenGVLab/InternVL3-14B-hf"),
-           "InternVLProcessor", True, False, r"<img>|</img>|<IMG_CONTEXT>|<video>", "<|im_end|>",
-           "vision_tower", "InternVLVisionLayer", "max_patches: 256 tokens per 448-px tile; stock up to 12 tiles + a thumbnail, "
-           "capped at 4 (a 480x320 picture: 1 tile, 256 tokens; stock: 6 + thumbnail, 1,792)", {"max_patches": 4}),
-    Family("gemma3", "Gemma 3", ("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
-           "Gemma3Processor", False, True, r"<start_of_image>|<end_of_image>|<image_soft_token>",
-           "<end_of_turn>", "vision_tower", "SiglipEncoderLayer", "fixed: 256 tokens per 896-px picture"),
-    Family("smolvlm", "SmolVLM2", ("HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
-           "SmolVLMProcessor", True, True,
-           r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>|<video>", "<end_of_utterance>",
-           "vision_model", "SmolVLMEncoderLayer", "max_image_size longest_edge: tiles of 64 tokens (2.2B: 81)"),
-    Family("llava_onevision", "LLaVA-OneVision", ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-                                                  "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
-           "LlavaOnevisionProcessor", True, False, r"<image>|<video>", "<|im_end|>",
-           "vision_tower", "SiglipEncoderLayer", "image_grid_pinpoints: 729 tokens per 384-px tile, up to 9 tiles (a 480x320 picture: 1,836)"),
+    Family(model_type="qwen2_5_vl", name="Qwen2.5-VL", processor_class="Qwen2_5_VLProcessor",
+           needs_video_processor=True, images_per_prompt=False, vision_tokens=QWEN_VISION, stop_token="<|im_end|>",
+           vision_tower="visual", vision_layer="Qwen2_5_VLVisionBlock"),
+    Family(model_type="qwen3_vl", name="Qwen3-VL", processor_class="Qwen3VLProcessor",
+           needs_video_processor=True, images_per_prompt=False, vision_tokens=QWEN_VISION, stop_token="<|im_end|>",
+           vision_tower="visual", vision_layer="Qwen3VLVisionBlock"),
+    Family(model_type="internvl", name="InternVL3", processor_class="InternVLProcessor",
+           needs_video_processor=True, images_per_prompt=False, vision_tokens=r"<img>|</img>|<IMG_CONTEXT>|<video>",
+           stop_token="<|im_end|>", vision_tower="vision_tower", vision_layer="InternVLVisionLayer",
+           image_caps={"max_patches": 4}),
+    Family(model_type="gemma3", name="Gemma 3", processor_class="Gemma3Processor",
+           needs_video_processor=False, images_per_prompt=True,
+           vision_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", stop_token="<end_of_turn>",
+           vision_tower="vision_tower", vision_layer="SiglipEncoderLayer"),
+    Family(model_type="smolvlm", name="SmolVLM2", processor_class="SmolVLMProcessor",
+           needs_video_processor=True, images_per_prompt=True,
+           vision_tokens=r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>|<video>",
+           stop_token="<end_of_utterance>", vision_tower="vision_model", vision_layer="SmolVLMEncoderLayer"),
+    Family(model_type="llava_onevision", name="LLaVA-OneVision", processor_class="LlavaOnevisionProcessor",
+           needs_video_processor=True, images_per_prompt=False, vision_tokens=r"<image>|<video>", stop_token="<|im_end|>",
+           vision_tower="vision_tower", vision_layer="SiglipEncoderLayer"),
 ]}
 # the text model's attention and MLP projections: `language_model` in every family but SmolVLM's
 # `text_model`; the vision tower stays as it is
