@@ -41,8 +41,7 @@ import jsonl
 import distributed
 import models
 # re-exported: the training scripts and other checks load models through selfplay
-from models import (from_pretrained, load_model, load_processor, plain_generation_config,  # noqa: F401
-                    special_vision_ids, torchvision_works)
+from models import load_model, load_processor, special_vision_ids  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # Prompts (method.md section 1, in our own words)

@@ -200,27 +200,23 @@ def played(out, iteration):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_a_resumed_run_replays_the_uninterrupted_one(family_models, model_type, pairs_dir, tmp_path):
+def test_a_resumed_run_replays_the_uninterrupted_one_and_exports(family_models, model_type, pairs_dir, tmp_path):
+    """A LoRA run resumed after iteration 1 plays the games of an uninterrupted one; its checkpoint
+    (adapter set to random values) exports as a folder that names the stock processor class, gives
+    the adapter model's logits within 1e-4 in float32, and loads with peft blocked."""
     model = family_models(model_type)
-    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    whole, halves, target = str(tmp_path / "whole"), str(tmp_path / "halves"), str(tmp_path / "exported")
     assert rlvr(model, pairs_dir, whole, 2, "--lora-rank", "4").returncode == 0
     assert rlvr(model, pairs_dir, halves, 1, "--lora-rank", "4").returncode == 0
     resumed = rlvr(model, pairs_dir, halves, 2, "--lora-rank", "4")
-    assert resumed.returncode == 0 and "resuming from ckpt-000001" in resumed.stdout, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(line)["iteration"] for line in open(os.path.join(halves, "metrics.jsonl"))] == [1, 2]
     assert played(halves, 2) == played(whole, 2)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_export_gives_the_adapter_models_logits_and_loads_without_peft(family_models, model_type, pairs_dir, tmp_path):
-    model = family_models(model_type)
-    out, target = str(tmp_path / "run"), str(tmp_path / "exported")
-    result = rlvr(model, pairs_dir, out, 1, "--lora-rank", "4")
-    assert result.returncode == 0, result.stderr[-2000:]
-    cfg, checkpoint = checkpoints.load_run_config(out), checkpoints.resume_point(out)[0]
+    cfg, checkpoint = checkpoints.load_run_config(halves), checkpoints.resume_point(halves)[0]
     policy, processor = trainer.build_policy(cfg, checkpoint)
     randomise_adapter(policy, checkpoint)
-    result = run(["export.py", out, "--to", target, "--dtype", "float32"])
+    result = run(["export.py", halves, "--to", target, "--dtype", "float32"])
     assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(target, "preprocessor_config.json")) as f:
         assert json.load(f)["processor_class"] == models.FAMILIES[model_type].processor_class
