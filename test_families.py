@@ -246,10 +246,11 @@ def test_a_resumed_run_replays_the_uninterrupted_one_and_exports(family_models, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", [f for f in FAMILIES if f != "qwen2_5_vl"])
-def test_run_sh_trains_both_stages_evaluates_asks_and_reports(family_models, model_type, pairs_dir, tmp_path):
-    """QUICK=1 run.sh with the family's tiny model: rlvr.py, spo.py, evaluate.py, vqa.py and report.py."""
+def test_run_sh_trains_both_stages_evaluates_asks_and_reports(family_models, model_type, cells_dir, tmp_path):
+    """QUICK=1 run.sh with the family's tiny model: rlvr.py, spo.py, evaluate.py, vqa.py (cells
+    pairs: vqa.py asks nothing about photos) and report.py."""
     out = tmp_path / "run"
-    env = {"QUICK": "1", "MODEL": family_models(model_type), "DATA": pairs_dir, "OUT": str(out), "GAMES": "2",
+    env = {"QUICK": "1", "MODEL": family_models(model_type), "DATA": cells_dir, "OUT": str(out), "GAMES": "2",
            "EVAL_GAMES": "2", "ITERATIONS": "2", "LORA_RANK": "4",
            "EXTRA": "--max-new-tokens 4 --samples 2 --rounds 1 --k-min 1 --patience 1"}
     result = subprocess.run(["bash", "run.sh"], cwd=HERE, capture_output=True, text=True, timeout=900,
