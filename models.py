@@ -41,7 +41,7 @@ class Family:
     images_per_prompt: bool  # pictures go to the processor as [[image], ...], not [image, ...]
     vision_tokens: str  # regex over the vocabulary: placeholder and marker tokens never to sample
     stop_token: str  # ends an assistant turn in the family's chat template
-    vision_tower: str  # attribute name of the vision tower (generate runs it outside the forward)
+    vision_modules: tuple  # attribute names of the vision tower and projector: generate runs them outside the forward
     vision_layer: str  # class name of one vision tower layer: an FSDP2 shard unit
     image_caps: dict = None  # image-processor settings capped at load: the game's pixel budget
 
@@ -55,25 +55,29 @@ QWEN_VISION = r"<\|(vision_start|vision_end|vision_pad|image_pad|video_pad)\|>"
 FAMILIES = {f.model_type: f for f in [
     Family(model_type="qwen2_5_vl", name="Qwen2.5-VL", processor_class="Qwen2_5_VLProcessor",
            needs_video_processor=True, images_per_prompt=False, vision_tokens=QWEN_VISION, stop_token="<|im_end|>",
-           vision_tower="visual", vision_layer="Qwen2_5_VLVisionBlock"),
+           vision_modules=("visual",), vision_layer="Qwen2_5_VLVisionBlock"),
     Family(model_type="qwen3_vl", name="Qwen3-VL", processor_class="Qwen3VLProcessor",
            needs_video_processor=True, images_per_prompt=False, vision_tokens=QWEN_VISION, stop_token="<|im_end|>",
-           vision_tower="visual", vision_layer="Qwen3VLVisionBlock"),
+           vision_modules=("visual",), vision_layer="Qwen3VLVisionBlock"),
     Family(model_type="internvl", name="InternVL3", processor_class="InternVLProcessor",
            needs_video_processor=True, images_per_prompt=False, vision_tokens=r"<img>|</img>|<IMG_CONTEXT>|<video>",
-           stop_token="<|im_end|>", vision_tower="vision_tower", vision_layer="InternVLVisionLayer",
+           stop_token="<|im_end|>", vision_modules=("vision_tower", "multi_modal_projector"),
+           vision_layer="InternVLVisionLayer",
            image_caps={"max_patches": 4}),
     Family(model_type="gemma3", name="Gemma 3", processor_class="Gemma3Processor",
            needs_video_processor=False, images_per_prompt=True,
            vision_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", stop_token="<end_of_turn>",
-           vision_tower="vision_tower", vision_layer="SiglipEncoderLayer"),
+           vision_modules=("vision_tower", "multi_modal_projector"),
+           vision_layer="SiglipEncoderLayer"),
     Family(model_type="smolvlm", name="SmolVLM2", processor_class="SmolVLMProcessor",
            needs_video_processor=True, images_per_prompt=True,
            vision_tokens=r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>|<video>",
-           stop_token="<end_of_utterance>", vision_tower="vision_model", vision_layer="SmolVLMEncoderLayer"),
+           stop_token="<end_of_utterance>", vision_modules=("vision_model", "connector"),
+           vision_layer="SmolVLMEncoderLayer"),
     Family(model_type="llava_onevision", name="LLaVA-OneVision", processor_class="LlavaOnevisionProcessor",
            needs_video_processor=True, images_per_prompt=False, vision_tokens=r"<image>|<video>", stop_token="<|im_end|>",
-           vision_tower="vision_tower", vision_layer="SiglipEncoderLayer"),
+           vision_modules=("vision_tower", "multi_modal_projector"),
+           vision_layer="SiglipEncoderLayer"),
 ]}
 # the text model's attention and MLP projections: `language_model` in every family but SmolVLM's
 # `text_model`; the vision tower stays as it is
@@ -242,11 +246,12 @@ def vocabulary_matches(tokenizer, pattern):
 
 def shard_units(model):
     """The modules FSDP2 shards one by one, innermost first: every decoder layer, every layer of
-    the vision tower and the vision tower itself (generate runs it outside the model's forward)."""
+    the vision tower, the vision tower and the projector (generate runs them outside the model's
+    forward, so they gather their own parameters)."""
     fam = family_of_model(model)
     return [module for name, module in reversed(list(model.named_modules()))
             if type(module).__name__.endswith("DecoderLayer") or type(module).__name__ == fam.vision_layer
-            or name.split(".")[-1] == fam.vision_tower]
+            or name.split(".")[-1] in fam.vision_modules]
 
 
 # -----------------------------------------------------------------------------
