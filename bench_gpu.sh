@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench_gpu.sh: time and memory of run.sh's GPU settings at Qwen2.5-VL-7B's full shape, with
 # nothing to download. It builds a random-weight model of the 7B's shape with the project's
-# builder (make_tiny_model.py --shape 7b: 7.2B parameters, bfloat16), makes a few CLEVR pairs
-# (make_games.py, 480x320 pictures: 187 visual tokens each), then
+# builder (make_tiny_model.py --shape 7b: 7.2B parameters, bfloat16; SHAPE=qwen3-vl-8b or
+# SHAPE=internvl3-8b for those models' shapes, at their full depth on a GPU), makes a few CLEVR
+# pairs (make_games.py, 480x320 pictures: 187 visual tokens each), then
 #  1. bench_levers.py: every rollout/update lever on and off (merged LoRA, static KV cache compiled
 #     on CUDA, each picture encoded once, length-bucketed micro-batches; plain, each alone, all),
 #     one model load, LEVER_GAMES games of one clue round and G = 8 at LEVER_TOKENS new tokens;
@@ -20,15 +21,13 @@
 # With no CUDA GPU the same path runs on the CPU at a reduced depth and with short turns (1 text
 # layer, 2 vision blocks, 4-token turns, one clue round, 2 judge samples: minutes; test_7b_shape.py
 # runs it so). Every size is an environment variable: LAYERS, VISION_DEPTH, MAX_NEW_TOKENS, GAMES,
-# PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder), and
-# for step 1 LEVER_GAMES, LEVER_TOKENS, CONFIGS (e.g. plain,all), LEVER_EXTRA; LEVERS=0 skips it.
+# PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder), SHAPE,
+# and for step 1 LEVER_GAMES, LEVER_TOKENS, CONFIGS (e.g. plain,all), LEVER_EXTRA; LEVERS=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  DEVICE=cuda
-  LAYERS=${LAYERS:-28}
-  VISION_DEPTH=${VISION_DEPTH:-32}
+  DEVICE=cuda  # LAYERS, VISION_DEPTH: the shape's full depth unless set
   MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
   GAMES=${GAMES:-4}
   EXTRA=${EXTRA:-}
@@ -51,10 +50,13 @@ CONFIGS=${CONFIGS:-plain,merged,static,vision,shared,buckets,all}
 PAIRS=${PAIRS:-20}
 EVAL_GAMES=${EVAL_GAMES:-0}
 BENCH=${BENCH:-runs/bench-gpu}
+SHAPE=${SHAPE:-7b}
+DEPTH=()
+if [ -n "${LAYERS:-}" ]; then DEPTH+=(--layers "$LAYERS"); fi
+if [ -n "${VISION_DEPTH:-}" ]; then DEPTH+=(--vision-depth "$VISION_DEPTH"); fi
 
 started=$(date +%s)
-python3 make_tiny_model.py --shape 7b --layers "$LAYERS" --vision-depth "$VISION_DEPTH" --device "$DEVICE" \
-  --out "$BENCH/model"
+python3 make_tiny_model.py --shape "$SHAPE" "${DEPTH[@]}" --device "$DEVICE" --out "$BENCH/model"
 [ -f "$BENCH/games/pairs.jsonl" ] || python3 make_games.py --domain clevr --n "$PAIRS" --out "$BENCH/games"
 rm -rf "$BENCH/run"  # timings of a fresh run, not a resumed one
 built=$(date +%s)

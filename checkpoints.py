@@ -26,7 +26,7 @@ import torch
 
 import distributed
 import jsonl
-import selfplay
+import models
 
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
 # what the project writes into a run folder: trainer.py, evaluate.py, vqa.py, report.py, the
@@ -188,7 +188,7 @@ def save_checkpoint(out, policy, processor, optimizer, state):
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a crash before `latest` moved
     distributed.save_pretrained(policy.model, folder, weights)  # safetensors: the LoRA adapter, or the whole model
     if os.path.exists(os.path.join(folder, "generation_config.json")):  # a whole model: its decoding defaults
-        selfplay.write_generation_config(policy.model, folder)
+        models.write_generation_config(policy.model, folder)
     processor.save_pretrained(folder)
     torch.save(optimizer_state, os.path.join(folder, "optimizer.pt"))
     write_json_atomic(os.path.join(folder, "state.json"), state)  # last: its presence marks a whole folder

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import models
+
 
 def init():
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): nccl on
@@ -152,13 +154,13 @@ def wrap(model, cfg):
 
 
 def shard(model, compute_dtype):
-    """fully_shard every decoder layer and vision block, the vision tower (generate runs it outside
-    the model's forward) and the whole model, innermost first. Also used for the frozen reference."""
+    """fully_shard every decoder layer and vision tower layer, the vision tower (generate runs it
+    outside the model's forward) and the whole model, innermost first (models.shard_units). Also
+    used for the frozen reference."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for name, module in reversed(list(model.named_modules())):
-        if type(module).__name__.endswith(("DecoderLayer", "VisionBlock")) or name.endswith("visual"):
-            fully_shard(module, mp_policy=precision)
+    for module in models.shard_units(model):
+        fully_shard(module, mp_policy=precision)
     fully_shard(model, mp_policy=precision)
     # FSDP2 takes the module of the first forward pass for the root; generate runs the vision
     # tower before any, so one token goes through the whole model first. The root stays gathered

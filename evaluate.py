@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import models
 import selfplay
 import checkpoints
 import trainer
@@ -164,7 +165,7 @@ def main():
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             questions = []
         if questions:
-            eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            eos = models.stop_token_id(processor)
             for key, policy in (("heldout_yes_no", trained), ("heldout_yes_no_reference", reference)):
                 with policy.active():
                     seeing[key] = warm_start.attribute_accuracy(policy.model, processor, questions, eos)

@@ -12,10 +12,10 @@ the tokenizer, the processor and its chat template, and no adapter or optimiser 
 with AutoModelForImageTextToText / AutoProcessor.from_pretrained without peft, and vLLM, lmms-eval
 and VLMEvalKit take it as a local model path (docs/benchmarks.md has their commands).
 
-On a machine without torchvision the project plays Qwen2.5-VL with its own image-only processor
-class (selfplay.register_image_only_processor); the export names the stock Qwen2_5_VLProcessor
-instead, in the layout of a released Qwen2.5-VL folder (a flat preprocessor_config.json), so that
-the stock classes load it on a machine with torchvision.
+On a machine without torchvision the project plays most families with an image-only stand-in of
+their processor class (models.py); the export names the family's stock processor class instead
+(Qwen2_5_VLProcessor, InternVLProcessor, ...), in the layout of a released folder (a flat
+preprocessor_config.json), so that the stock classes load it on a machine with torchvision.
 
 The folder also carries a model card, README.md in the Hugging Face Hub's format (model_card():
 YAML front matter with base_model, library_name, pipeline_tag and tags; the method, data and
@@ -38,39 +38,9 @@ import torch
 import cli
 import checkpoints
 import jsonl
+import models
 import report
-import selfplay
 import trainer
-
-IMAGE_ONLY_PROCESSOR = "ImageOnlyQwenProcessor"  # the class selfplay.register_image_only_processor defines
-STOCK_PROCESSOR = "Qwen2_5_VLProcessor"
-
-
-def stock_processor_files(folder):
-    """Rewrite the processor files of the project's image-only stand-in as a released Qwen2.5-VL
-    folder has them: preprocessor_config.json naming Qwen2_5_VLProcessor, from which transformers
-    also builds the video processor when torchvision is there. No-op for any other processor."""
-    nested = os.path.join(folder, "processor_config.json")
-    if not os.path.exists(nested):
-        return
-    with open(nested) as f:
-        config = json.load(f)
-    if config.get("processor_class") != IMAGE_ONLY_PROCESSOR:
-        return
-    image = dict(config["image_processor"], processor_class=STOCK_PROCESSOR)
-    size = image.get("size", {})
-    if "shortest_edge" in size:  # the names transformers 4.x reads
-        image.setdefault("min_pixels", size["shortest_edge"])
-        image.setdefault("max_pixels", size["longest_edge"])
-    checkpoints.write_json_atomic(os.path.join(folder, "preprocessor_config.json"), image)
-    os.remove(nested)
-    tokenizer_path = os.path.join(folder, "tokenizer_config.json")
-    with open(tokenizer_path) as f:
-        tokenizer = json.load(f)
-    if tokenizer.get("processor_class") == IMAGE_ONLY_PROCESSOR:
-        tokenizer["processor_class"] = STOCK_PROCESSOR
-        checkpoints.write_json_atomic(tokenizer_path, tokenizer)
-
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -81,7 +51,7 @@ def read_result(run, name):
     return found if isinstance(found, dict) else {}
 
 
-def model_card(run, cfg, target, dtype):
+def model_card(run, cfg, target, dtype, model_type):
     """README.md of the exported folder: a Hub model card (see the module docstring)."""
     evaluation, vqa = read_result(run, "eval.json"), read_result(run, "vqa.json")
     log = os.path.join(run, "metrics.jsonl")  # a run folder that lost its log still exports, with no stage counts
@@ -90,7 +60,7 @@ def model_card(run, cfg, target, dtype):
     on_hub = HUB_ID.fullmatch(str(cfg.model)) and not os.path.exists(cfg.model)  # the Hub accepts only its own ids here
     front = ["---", *([f"base_model: {cfg.model}"] if on_hub else []), "library_name: transformers",
              "pipeline_tag: image-text-to-text", "tags:", "- vision-zero", "- self-play", "- reinforcement-learning",
-             "- qwen2_5_vl", "---"]
+             f"- {model_type}", "---"]
     tuning = f"LoRA rank {cfg.lora_rank}, merged into the weights" if cfg.lora_rank > 0 else "full fine-tuning"
     spy_sees = "a blank picture" if cfg.spy_image == "blank" else "an edited copy of the picture"
     lines = [
@@ -157,11 +127,11 @@ def export(run, target, dtype):
     shutil.rmtree(staging, ignore_errors=True)  # the leftover of an export that crashed
     try:
         model.save_pretrained(staging)  # config, generation_config, safetensors weights
-        selfplay.write_generation_config(model, staging)  # the initial checkpoint's decoding defaults, not training's
+        models.write_generation_config(model, staging)  # the initial checkpoint's decoding defaults, not training's
         processor.save_pretrained(staging)  # tokenizer, image processor, chat template
-        stock_processor_files(staging)
+        models.write_stock_processor_files(staging, checkpoints.write_json_atomic)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(run, cfg, target, dtype))
+            f.write(model_card(run, cfg, target, dtype, model.config.model_type))
         if os.path.isdir(target):
             os.rmdir(target)  # an empty folder the user made for it
         os.replace(staging, target)

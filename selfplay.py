@@ -20,8 +20,9 @@ rlvr.py can train on exactly the tokens that were sampled.
 
 Seats are 0-based in code and 1-based in every text a model or a person reads.
 
-This file is also the home of what every script needs to talk to a model: loading (with or
-without torchvision, with or without LoRA) and the per-token log-probabilities of a completion.
+This file is also the home of what every script needs to talk to a model: sampling a batch of turns
+and the per-token log-probabilities of a completion; loading models and processors, and what
+differs between model families, is in models.py (re-exported here).
 It has no command of its own: run `bash run.sh`, `python spo.py`, `python rlvr.py` or
 `python evaluate.py`.
 """
@@ -41,6 +42,9 @@ from PIL import Image
 import cli  # noqa: F401  (silences the known library warnings before any model loads)
 import jsonl
 import distributed
+import models
+# re-exported: the training scripts and other checks load models through selfplay
+from models import load_model, load_processor, special_vision_ids  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # Prompts (method.md section 1, in our own words)
@@ -152,7 +156,10 @@ def decision_prompt(game, voter, cfg):
 def chat(processor, text):
     """One user message holding the image then the text, formatted by the model's chat template."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # the tokenizer renders the processor's template: SmolVLM's own apply_chat_template reads the
+    # video processor's settings, which an image-only processor has not
+    return processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template,
+                                                   add_generation_prompt=True, tokenize=False)
 
 
 # -----------------------------------------------------------------------------
@@ -372,70 +379,7 @@ def load_image(path):
 
 
 # -----------------------------------------------------------------------------
-# Models: any Hugging Face VLM with a chat template; Qwen2.5-VL with or without torchvision
-
-
-def register_image_only_processor():
-    """Without torchvision the stock Qwen2.5-VL processor cannot be built (it insists on a video
-    processor); this subclass takes only an image processor and a tokenizer. Registering it makes
-    AutoProcessor.from_pretrained return it for Qwen2.5-VL folders instead of a bare tokenizer."""
-    from transformers import AutoProcessor, Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwenProcessor, exist_ok=True)
-    return ImageOnlyQwenProcessor
-
-
-def torchvision_works():
-    try:
-        import torchvision  # noqa: F401  (a broken install raises at import, not only a missing one)
-        return True
-    except Exception:
-        return False
-
-
-def from_pretrained(loader, path, **kwargs):
-    """loader.from_pretrained(path), or one clear line and exit when there is no such model."""
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError):  # missing folder, unknown or malformed hub id, no network
-        sys.exit(f"error: cannot load model {path!r}: {model_load_problem(path)}; give a model folder "
-                 "(e.g. from `python make_tiny_model.py --out tiny-vlm`) or a Hugging Face model id")
-
-
-def model_load_problem(path):
-    """Why a model path did not load, in the user's terms rather than the library's."""
-    if os.path.isdir(path):
-        return "the folder holds no complete model (config.json, weights, tokenizer and processor files)"
-    if os.path.exists(path):
-        return "it is a file, not a model folder"
-    return "no such folder, and no Hugging Face model of that id could be downloaded (check the id and the network)"
-
-
-def load_processor(path):
-    from transformers import AutoProcessor
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # keep the run's own progress bar readable
-    if not torchvision_works():
-        image_only = register_image_only_processor()
-        try:
-            return from_pretrained(AutoProcessor, path)
-        except ImportError:  # a real Qwen2.5-VL folder names the stock processor, which needs torchvision
-            return from_pretrained(image_only, path)
-    return from_pretrained(AutoProcessor, path)
-
-
-def load_model(path, device, dtype):
-    from transformers import AutoModelForImageTextToText
-    return plain_generation_config(from_pretrained(AutoModelForImageTextToText, path, dtype=dtype).to(device))
+# Models (loading and what differs between families: models.py)
 
 
 class Policy:
@@ -459,13 +403,6 @@ class Policy:
 
 # -----------------------------------------------------------------------------
 # Generation and log-probs
-
-
-def special_vision_ids(processor):
-    """Vision placeholder tokens: a sampled one would break the next forward pass."""
-    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-    ids = [processor.tokenizer.convert_tokens_to_ids(n) for n in names]
-    return [i for i in ids if i is not None and i != processor.tokenizer.unk_token_id]
 
 
 def stop_ids(model):
@@ -493,28 +430,6 @@ def sampling_settings(model, processor, cfg):
         pad_token_id=processor.tokenizer.pad_token_id)
 
 
-def plain_generation_config(model):
-    """Give a loaded model a generation_config with its special token ids only. generate() fills
-    every field that sampling_settings leaves None (bad_words_ids, sequence_bias, forced
-    BOS/EOS, top_h, a length penalty, a watermark, ...) from the model's own config, and None
-    cannot be passed to mean "off": so the checkpoint's sampling fields go here, once."""
-    from transformers import GenerationConfig
-    checkpoint = model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=checkpoint.bos_token_id,
-                                               eos_token_id=checkpoint.eos_token_id,
-                                               pad_token_id=checkpoint.pad_token_id)
-    model.checkpoint_generation_config = checkpoint  # what a saved model folder must keep: write_generation_config
-    return model
-
-
-def write_generation_config(model, folder):
-    """Put back the decoding defaults of the checkpoint a model was loaded from (e.g. Qwen2.5-VL-7B-
-    Instruct's repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1) into a model folder
-    that save_pretrained wrote with the stripped generation_config of plain_generation_config: an
-    export or a full checkpoint then decodes, in vLLM or generate(), as the initial model does."""
-    getattr(model, "checkpoint_generation_config", model.generation_config).save_pretrained(folder)
-
-
 class SampledLogprobs:
     """A logits processor that keeps, at every decode step, the log-prob of the token sampled at
     the step before under log_softmax(raw logits / T): what the sampling policy gave each token,
@@ -539,12 +454,6 @@ class SampledLogprobs:
         if len(self.kept) < completions.shape[1]:
             self.kept.append(self.previous.gather(1, completions[:, -1:]))
         return torch.cat(self.kept, 1)[:, : completions.shape[1]]
-
-
-def prompt_inputs(processor, texts, images):
-    """The one processor call of every batch of prompts, left-padded so that every completion
-    starts at the same column."""
-    return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
 # -----------------------------------------------------------------------------
@@ -705,7 +614,7 @@ def generate(policy, processor, turns, cfg):
     CUDA), each distinct picture encoded once, each distinct prompt prefilled once (with the
     dynamic cache: the static one is sized and compiled by generate itself)."""
     model = policy.model
-    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
+    inputs = models.processor_inputs(processor, [t.prompt for t in turns], [t.image for t in turns]).to(model.device)
     width = inputs["input_ids"].shape[1]
     settings = sampling_settings(model, processor, cfg)
     recorder = SampledLogprobs(settings.suppress_tokens, cfg.temperature or 1.0)
@@ -747,7 +656,7 @@ def generate(policy, processor, turns, cfg):
 def completion_batch(processor, turns, device):
     """Model inputs for prompt + sampled completion, and the completion ids and mask [B, T].
     Prompts are left-padded, so every completion starts at the same column."""
-    inputs = prompt_inputs(processor, [t.prompt for t in turns], [t.image for t in turns])
+    inputs = models.processor_inputs(processor, [t.prompt for t in turns], [t.image for t in turns])
     width = max(len(t.completion_ids) for t in turns)
     ids = torch.full((len(turns), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(turns), width))
@@ -756,8 +665,7 @@ def completion_batch(processor, turns, device):
         mask[i, : len(t.completion_ids)] = 1
     inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.long()], 1)
-    if "mm_token_type_ids" in inputs:  # transformers 5.x: without it the 3-D rotary positions fall back to 1-D
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    inputs = models.extend_over_completion(inputs, ids)
     return inputs.to(device), ids.to(device), mask.to(device)
 
 

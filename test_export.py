@@ -34,14 +34,19 @@ def lora_run(tiny_model, pairs_dir, tmp_path_factory):
                   "--games", "2", "--rounds", "1", "--samples", "2", "--max-new-tokens", "4", "--lora-rank", "4"])
     assert result.returncode == 0, result.stderr
     cfg, checkpoint = checkpoints.load_run_config(out), checkpoints.resume_point(out)[0]
-    policy, _ = trainer.build_policy(cfg, checkpoint)
+    randomise_adapter(trainer.build_policy(cfg, checkpoint)[0], checkpoint)
+    return out
+
+
+def randomise_adapter(policy, checkpoint):
+    """Set every LoRA matrix of the policy to seeded random values and overwrite the checkpoint's
+    adapter with them."""
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in policy.model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * 0.3)
     policy.model.save_pretrained(checkpoint)  # overwrite the adapter in place
-    return out
 
 
 def game_batch(processor, pairs_dir):

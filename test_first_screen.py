@@ -135,10 +135,10 @@ def test_run_sh_names_a_different_model_on_resume(tiny_model, tmp_path):
 def test_model_loading_error_names_the_path_without_library_internals(tmp_path):
     done = run([sys.executable, "evaluate.py", "--help"])  # cheap: the flags of a script that loads models
     assert "(default: 100)" in done.stdout
-    assert "no such folder" in selfplay.model_load_problem(str(tmp_path / "nothing"))
-    assert "no complete model" in selfplay.model_load_problem(str(tmp_path))
+    assert "no such folder" in models.model_load_problem(str(tmp_path / "nothing"))
+    assert "no complete model" in models.model_load_problem(str(tmp_path))
     (tmp_path / "f").write_text("")
-    assert "a file, not a model folder" in selfplay.model_load_problem(str(tmp_path / "f"))
+    assert "a file, not a model folder" in models.model_load_problem(str(tmp_path / "f"))
     with pytest.raises(SystemExit) as stop:
         selfplay.load_processor(str(tmp_path / "nothing"))
     message = str(stop.value.code)

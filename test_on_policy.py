@@ -58,6 +58,14 @@ def test_logprobs_at_the_sampling_temperature_match_what_generate_sampled(opinio
     assert torch.isinf(scores[..., suppressed]).all()
     assert torch.allclose(scores[..., kept], raw[..., kept], atol=1e-5)
 
+    assert_recomputed_logprobs_match(model, processor, turns, inputs, out, temperature)
+
+
+def assert_recomputed_logprobs_match(model, processor, turns, inputs, out, temperature):
+    """Give each turn the completion generate sampled (cut after its stop token) and assert that
+    token_logprobs at T equals log_softmax(output_logits / T) within 1e-4. Returns the
+    recomputed log-probs and the completion ids of the batch."""
+    raw = torch.stack(out.logits, 1).float() / temperature
     sampled = out.sequences[:, inputs["input_ids"].shape[1]:]
     expected = F.log_softmax(raw, -1).gather(2, sampled.unsqueeze(-1)).squeeze(-1)
     stops = selfplay.stop_ids(model)
@@ -68,6 +76,7 @@ def test_logprobs_at_the_sampling_temperature_match_what_generate_sampled(opinio
         recomputed = selfplay.token_logprobs(model, batch, ids, temperature)
     assert mask.sum() > len(turns)
     assert torch.allclose(recomputed * mask, expected[:, : ids.shape[1]] * mask, atol=1e-4)
+    return recomputed, ids
 
 
 def test_first_sampled_token_follows_softmax_of_logits_over_t(opinionated_model, pairs_dir):

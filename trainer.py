@@ -49,6 +49,7 @@ from tqdm import tqdm
 import cli
 import checkpoints
 import distributed
+import models
 import selfplay
 import tracking
 import warm_start
@@ -209,7 +210,7 @@ def seeing_term(policy, processor, examples, weight):
     per-token negative log-likelihood of the targets) on generator-labelled seeing examples
     (warm_start.seeing_examples). Returns that loss. A device of the tiny CPU demo, standing in
     for the pretraining a real VLM keeps: RL on the judge alone unlearns the yes/no check."""
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = models.stop_token_id(processor)
     with policy.active():
         logp, mask = warm_start.target_logprob(policy.model, processor, warm_start.make_turns(examples, processor, eos))
     loss = (-logp / mask.sum(-1)).mean()
@@ -342,7 +343,7 @@ def build_policy(cfg, checkpoint=None):
             model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
         else:  # the text model's projections only; the vision tower stays as it is
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                              target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj")
+                              target_modules=models.LORA_TARGETS)
             model = get_peft_model(model, lora)  # adapters in fp32 whatever the base dtype (peft's default)
     else:
         model = selfplay.load_model(checkpoint or cfg.model, cfg.device, weights)
@@ -593,7 +594,7 @@ def main(stage, clue_stage, decision_stage):
 
     tracker = tracking.open_tracker(cfg.report_to, cfg.out, resolved) if distributed.is_main() else None
     seeing = seeing_data(cfg)
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = models.stop_token_id(processor)
 
     bar = tqdm(total=cfg.iterations, initial=state["iteration"], desc=stage, unit="it", disable=not distributed.is_main())
     while state["iteration"] < cfg.iterations:

@@ -58,6 +58,7 @@ from types import SimpleNamespace
 import torch
 
 import cli
+import models
 import selfplay
 from make_games import CELL_COLOURS, cells_colours
 
@@ -146,7 +147,7 @@ def make_turns(batch, processor, eos):
     turns = []
     for prompt, image, target in batch:
         turn = selfplay.Turn(0, 0, selfplay.chat(processor, prompt), image)
-        turn.completion_ids = processor.tokenizer(target)["input_ids"] + [eos]
+        turn.completion_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
         turns.append(turn)
     return turns
 
@@ -267,7 +268,7 @@ def main():
 
     processor = selfplay.load_processor(args.model)
     model = selfplay.load_model(args.model, args.device, torch.float32).train()
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = models.stop_token_id(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
     questions = held_out_questions(held_out, held_images, args.seed)
