@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 import checkpoints
+import models
 import cli
 import evaluate
 import report
