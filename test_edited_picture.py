@@ -28,7 +28,8 @@ SLOW_ITERATIONS = 10  # decision-stage iterations of the slow check (160 games)
 def game_cfg(**overrides):
     cfg = dict(players=4, rounds=1, decision="judge", samples=4, spy_image="modified", max_new_tokens=4,
                temperature=1.0, micro_batch=8, minibatches=1, clip=0.2, kl=0.0, grad_clip=1.0, logprob_temperature=1.0,
-               lora_rank=0, device="cpu", dtype=torch.float32, gradient_checkpointing=False, judge_prompt="full", seed=0)
+               lora_rank=0, device="cpu", dtype=torch.float32, gradient_checkpointing=False, judge_prompt="full", seed=0,
+               length_buckets=True, tis_cap=None)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
