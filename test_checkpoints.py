@@ -165,7 +165,7 @@ runpy.run_path("rlvr.py", run_name="__main__")
 def test_kill_during_checkpoint_write_then_resume_and_a_damaged_newest(tiny_model, pairs_dir, tmp_path):
     out = tmp_path / "run"
     flags = ["--model", tiny_model, "--data", pairs_dir, "--out", str(out), "--games", "2", "--samples", "2",
-             "--max-new-tokens", "4", "--lora-rank", "0"]
+             "--max-new-tokens", "4", "--lora-rank", "0", "--save-every", "1"]  # full fine-tuning saves every 10 by default
 
     def run(*args, iterations):
         return subprocess.run([sys.executable, *args, *flags, "--iterations", str(iterations)], cwd=HERE,
