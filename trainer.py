@@ -209,7 +209,8 @@ def seeing_term(policy, processor, examples, weight):
     """The --aux-data term of one optimiser step: backward of weight x the warm start's loss (mean
     per-token negative log-likelihood of the targets) on generator-labelled seeing examples
     (warm_start.seeing_examples). Returns that loss. A device of the tiny CPU demo, standing in
-    for the pretraining a real VLM keeps: RL on the judge alone unlearns the yes/no check."""
+    for the pretraining a real VLM keeps: a probe that trained the judge alone (with labels, full
+    fine-tuning) unlearned the yes/no check within 3,000 games (docs/learn_cpu.md)."""
     eos = models.stop_token_id(processor)
     with policy.active():
         logp, mask = warm_start.target_logprob(policy.model, processor, warm_start.make_turns(examples, processor, eos))
