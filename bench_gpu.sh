@@ -34,6 +34,7 @@ if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/de
   LEVER_GAMES=${LEVER_GAMES:-4}
   LEVER_TOKENS=${LEVER_TOKENS:-64}
   LEVER_EXTRA=${LEVER_EXTRA:---samples 8 --repeats 2}
+  LEVER_DTYPE=bfloat16
 else
   echo "No CUDA GPU: the GPU settings on the CPU, at the 7B's layer shapes but a reduced depth and short turns."
   DEVICE=cpu
@@ -45,6 +46,7 @@ else
   LEVER_GAMES=${LEVER_GAMES:-1}
   LEVER_TOKENS=${LEVER_TOKENS:-4}
   LEVER_EXTRA=${LEVER_EXTRA:---samples 2 --kl 0}
+  LEVER_DTYPE=float32  # the op counts and encodes do not depend on it; bf16 matmuls are ~15x slower on a CPU
 fi
 CONFIGS=${CONFIGS:-plain,merged,static,vision,shared,buckets,all}
 PAIRS=${PAIRS:-20}
@@ -64,7 +66,7 @@ if [ "${LEVERS:-1}" != 0 ]; then
   # shellcheck disable=SC2086  # LEVER_EXTRA is meant to split into flags
   python3 bench_levers.py --model "$BENCH/model" --data "$BENCH/games" --configs "$CONFIGS" --games "$LEVER_GAMES" \
     --rounds 1 --max-new-tokens "$LEVER_TOKENS" --lora-rank 64 --gradient-checkpointing --micro-batch 4 \
-    --dtype bfloat16 --device "$DEVICE" --json "$BENCH/levers.json" $LEVER_EXTRA
+    --dtype "$LEVER_DTYPE" --device "$DEVICE" --json "$BENCH/levers.json" $LEVER_EXTRA
 fi
 levers=$(date +%s)
 GPU_SETTINGS=1 MODEL="$BENCH/model" DATA="$BENCH/games" OUT="$BENCH/run" ITERATIONS=2 SCHEDULE=alternate \
