@@ -2,12 +2,20 @@
 import argparse
 import json
 import os
+import subprocess
 
 import matplotlib
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 import make_tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # -n 2 on 2 cores: one thread per worker and per script it starts (more threads than free
+    # cores makes torch many times slower, not faster)
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 GRACE_HOPPER = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
@@ -43,3 +51,16 @@ def pairs_dir(tmp_path_factory):
                                 "modified": f"images/{pid}_modified.png",
                                 "changes": [{"what": "painted square", "bbox": box}]}) + "\n")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def edited_picture_warm_start():
+    """The 56-px edited-picture warm start of `GAME=modified SIZE=56 learn_cpu.sh` (its folder,
+    and its pairs' folder), built once in the checkout (about 15 minutes on one core) and reused
+    from there, as learn_cpu.sh itself reuses it. The tests that read it share one xdist group, so
+    two workers never build it at once."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAME": "modified", "SIZE": "56", "SCHEDULES": ""}
+    built = subprocess.run(["bash", "learn_cpu.sh"], cwd=here, env=env, capture_output=True, text=True, timeout=3600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return os.path.join(here, "runs", "learn-cpu-modified-56"), os.path.join(here, "games", "cells56")

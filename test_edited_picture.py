@@ -233,16 +233,15 @@ def test_other_pairs_never_pick_the_games_own(cells_dir):
 
 
 @pytest.mark.slow
-def test_the_seeing_term_keeps_the_yes_no_check_through_rl(tmp_path):
+@pytest.mark.xdist_group("learn-cpu-56")
+def test_the_seeing_term_keeps_the_yes_no_check_through_rl(edited_picture_warm_start, tmp_path):
     """From the 56-px warm start of `GAME=modified SIZE=56 learn_cpu.sh` (built, or reused when
     cached), SLOW_ITERATIONS decision-stage iterations with learn_cpu.sh's flags, seeded, one
     thread: the policy moves (KL > 0) and the held-out yes/no check stays at 0.9 or more.
     RL alone (--aux-weight 0) also kept it at 1.000 over these 10 iterations (measured): the fall
     the supervised probe saw took thousands of games of full fine-tuning (docs/learn_cpu.md)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GAME": "modified", "SIZE": "56", "SCHEDULES": ""}
-    built = subprocess.run(["bash", "learn_cpu.sh"], cwd=HERE, env=env, capture_output=True, text=True, timeout=3600)
-    assert built.returncode == 0, built.stderr[-2000:]
-    warm, data = os.path.join(HERE, "runs", "learn-cpu-modified-56", "warm-start-short"), os.path.join(HERE, "games", "cells56")
+    folder, data = edited_picture_warm_start
+    warm = os.path.join(folder, "warm-start-short")
     out = str(tmp_path / "run")
     result = subprocess.run(
         [sys.executable, "rlvr.py", "--model", warm, "--data", data, "--out", out, "--schedule", "decision",
