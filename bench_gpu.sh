@@ -19,8 +19,10 @@
 #   GAMES=16 BENCH=runs/bench-16 bash bench_gpu.sh # run.sh's batch of 16 games: a longer update
 #
 # With no CUDA GPU the same path runs on the CPU at a reduced depth and with short turns (1 text
-# layer, 2 vision blocks, 4-token turns, one clue round, 2 judge samples: ~20 minutes at the 7B's
-# shapes; test_7b_shape.py runs it with SHAPE=tiny, the same steps in about a minute). Every size is an environment variable: LAYERS, VISION_DEPTH, MAX_NEW_TOKENS, GAMES,
+# layer, 2 vision blocks, 4-token turns, one clue round, 2 judge samples). At the 7B's shapes that
+# is most of an hour (run.sh's bfloat16 matmuls are ~15x slower on a CPU); test_7b_shape.py runs it
+# with SHAPE=tiny, the same steps in under 2 minutes. Every size is an environment variable:
+# LAYERS, VISION_DEPTH, MAX_NEW_TOKENS, GAMES,
 # PAIRS, EVAL_GAMES (0: no evaluation), EXTRA (more trainer flags), BENCH (the output folder), SHAPE,
 # and for step 1 LEVER_GAMES, LEVER_TOKENS, CONFIGS (e.g. plain,all), LEVER_EXTRA; LEVERS=0 skips it.
 set -euo pipefail

@@ -17,6 +17,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 
+
+LONGEST = ("test_learning.py", "test_edited_picture.py")  # the learning checks: 15-20 minutes each
+
+
+def pytest_collection_modifyitems(items):
+    """The learning checks first, then the other slow tests, then the quick ones (each in file
+    order): with -n 2 the longest start at once and the rest fill in around them, rather than one
+    learning run finishing alone at the end."""
+    def order(item):
+        slow = item.get_closest_marker("slow") is not None
+        return not slow, not (slow and os.path.basename(str(item.fspath)) in LONGEST)
+    items.sort(key=order)
+
+
 GRACE_HOPPER = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
 

@@ -22,7 +22,9 @@
 # 5. a table of the results, OUT/results.md, and the runs' curves (yes/no, judge accuracy),
 #    OUT/schedules.png
 # Settings: GAMES per iteration (16), ROUNDS of clues (edited picture 1, blank 2), AUX_WEIGHT of the
-# seeing term (edited picture: 1; 0 is RL alone), ITERATIONS, SEEDS, SCHEDULES, EVAL_GAMES.
+# seeing term (edited picture: 1; 0 is RL alone), ITERATIONS, SEEDS, SCHEDULES, EVAL_GAMES; the warm
+# start's WARM_STEPS, LIST_STEPS, SHORT_STEPS (the short-prompt phase: 300) and REQUIRE_ATTRIBUTE
+# (the held-out yes/no both phases must reach: 0.9; 0 turns the check off).
 # Every step is skipped when its output exists, so a rerun continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -85,8 +87,9 @@ if [ "$GAME" = modified ]; then
   # same tasks (vote and clue formats, yes/no, list) in those prompts, since a model votes only in
   # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt)
   START=$OUT/warm-start-short$([ "$ROUNDS" = 1 ] || echo "-r$ROUNDS")  # cached per number of rounds
-  "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps 300 --list-steps 0 --warmup 20 \
-    --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 --require-attribute 0.9 \
+  "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps "${SHORT_STEPS:-300}" --list-steps 0 \
+    --warmup 20 --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 \
+    --require-attribute "${REQUIRE_ATTRIBUTE:-0.9}" \
     --threads "$THREADS" --spy-image modified --device "$WARM_DEVICE"
 fi
 
