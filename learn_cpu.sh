@@ -85,10 +85,11 @@ START=$OUT/warm-start  # the initial policy of every run
 if [ "$GAME" = modified ]; then
   # the judge's short prompt and one clue round (half the cost of a game): 300 more steps of the
   # same tasks (vote and clue formats, yes/no, list) in those prompts, since a model votes only in
-  # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt)
+  # the prompts it was taught (the warm start's votes are 96% invalid in the short prompt); at a
+  # third of the first phase's lr, which kept yes/no at 1.000 where 1e-3 dropped it to 0.72-0.92
   START=$OUT/warm-start-short$([ "$ROUNDS" = 1 ] || echo "-r$ROUNDS")  # cached per number of rounds
   "$PYTHON" warm_start.py --model "$OUT/warm-start" --data "$DATA" --out "$START" --steps "${SHORT_STEPS:-300}" --list-steps 0 \
-    --warmup 20 --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 \
+    --lr 3e-4 --warmup 20 --mix 0,0.2,0.3,0.3,0.2 --rounds "$ROUNDS" --judge-prompt short --eval-every 100 \
     --require-attribute "${REQUIRE_ATTRIBUTE:-0.9}" \
     --threads "$THREADS" --spy-image modified --device "$WARM_DEVICE"
 fi
