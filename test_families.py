@@ -317,8 +317,9 @@ def test_real_layer_shapes_load_count_visual_tokens_and_train(shape, model_type,
     inputs = models.processor_inputs(processor, [t.prompt for t in turns], [t.image for t in turns])
     image_token = getattr(config, "image_token_id", None)
     assert (inputs["input_ids"][0] == image_token).sum().item() == visual_tokens
-    for turn in turns:
-        turn.completion_ids = processor.tokenizer("\\boxed{2}", add_special_tokens=False)["input_ids"]
+    # Different completions: one answer with the same advantage of +1 and -1 would cancel to a zero gradient.
+    for turn, answer in zip(turns, ["\\boxed{2}", "\\boxed{1}"]):
+        turn.completion_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_B" in n}
     optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.1)
     trainer.train_step(policy, trainer.reference_policy(policy, cfg), optimizer, processor, turns, [1.0, -1.0], cfg, lr=0.1)
