@@ -37,7 +37,7 @@ case "$GAME" in
          DEFAULT_OUT=runs/learn-cpu DEFAULT_ITERATIONS=40 ;;
   # the list task first: without it the tiny model never binds a colour word to its picture
   # (measured: 600 + 1,400 steps at 112 px, 400 + 1,100 at 56 px reach 1.000); 900 iterations
-  # (14,400 games, ~95 minutes a run at 56 px, two at a time), since the judge is at chance for the
+  # (14,400 games, ~100 minutes a run at 56 px, two at a time), since the judge is at chance for the
   # first ~3,000 games and both seeds reached the target only at 900 (docs/learn_cpu.md)
   modified) if [ "$SIZE" = 56 ]; then WARM=(1500 400); else WARM=(2000 600); fi  # steps in all, list steps
             WARM_FLAGS=(--steps "${WARM_STEPS:-${WARM[0]}}" --list-steps "${LIST_STEPS:-${WARM[1]}}" --mix 0,0.1,0.1,0.6,0.2
